@@ -1,0 +1,215 @@
+"""The `vitbudget` command: evaluate and train token-budget methods on ViTs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .defaults import DEFAULT_DATA, DEFAULT_MODEL, default_path
+from .errors import ConfigError, VitbudgetError
+from .io import atomic_path, ensure_writable_dir, write_json, write_text
+from .methods import METHODS, build_method
+
+EVAL_EPILOG = """examples:
+  vitbudget eval                                  # reference model on the full CIFAR-10 test set
+  vitbudget eval --limit 1000 --no-speed          # quick check on a fixed 1000-image subset
+  vitbudget eval --model my.safetensors --data imgs/ --split val --out runs/mine
+  vitbudget eval --model deit_t.pth --arch deit_tiny_patch16_224 --data imagenet.tar --split val
+
+Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
+and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each
+method with the baseline, timed round-robin in the same run."""
+
+TRAIN_EPILOG = """examples:
+  vitbudget train --recipe smoke --out runs/smoke          # seconds: checks an installation
+  vitbudget train --recipe vit_tiny_p4_cifar10 --out runs/ref   # reproduces the reference model (~2 h, 2 cores)
+  vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
+
+Checkpoints go to OUT/train_state.pt every --save-every steps and at each epoch end; run the
+same command again to resume after an interruption. The final model is OUT/model.safetensors
+with its JSON sidecar (config, preprocessing, recipe, per-epoch log, test metrics)."""
+
+
+def _method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per option field of any registered method (shared names share a flag)."""
+    names: list[str] = []
+    group = parser.add_argument_group("method options (each applies to the methods that have it)")
+    for spec in METHODS.values():
+        for field in dataclasses.fields(spec.options):
+            if field.name in names:
+                continue
+            names.append(field.name)
+            kind = type(field.default) if field.default is not dataclasses.MISSING and field.default is not None else str
+            kind = {bool: _parse_bool}.get(kind, kind)
+            group.add_argument("--" + field.name.replace("_", "-"), dest=f"opt_{field.name}", type=kind, default=None,
+                               help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
+    return names
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitbudget", description="Spend a Vision Transformer's compute where the tokens matter.")
+    parser.add_argument("--version", action="version", version=f"vitbudget {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,train}")
+
+    ev = sub.add_parser("eval", help="accuracy, calibration, FLOPs and speed of methods on a dataset",
+                        description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
+                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
+    ev.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
+    ev.add_argument("--num-classes", type=int, default=None, help="override the head size of a --arch checkpoint")
+    ev.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
+    ev.add_argument("--split", default="test", help="split folder inside --data (default: test)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate a fixed pseudo-random subset of this many images")
+    ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    ev.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    ev.add_argument("--method", action="append", default=None, choices=sorted(METHODS), help="method to evaluate; repeat for several (the baseline is always included)")
+    ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
+    ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _method_option_flags(ev)
+
+    tr = sub.add_parser("train", help="train a ViT (or a method around one) with a recipe; resumable",
+                        description="Train or fine-tune with a named recipe. Re-running the same command resumes.",
+                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .train.recipes import RECIPES
+
+    tr.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named recipe")
+    tr.add_argument("--data", default=None, help=f"ImageFolder with train/ and test/ splits, or an archive; default: shared {DEFAULT_DATA}")
+    tr.add_argument("--out", required=True, help="run directory: checkpoints, final model, log")
+    tr.add_argument("--init", default=None, help="start from this checkpoint instead of random weights (fine-tuning)")
+    tr.add_argument("--teacher", default=None, help="frozen teacher checkpoint for distillation")
+    tr.add_argument("--distill-weight", type=float, default=None, help="weight of KL(teacher||student)")
+    tr.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
+    tr.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    tr.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    tr.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    tr.add_argument("--train-limit", type=int, default=None, help="train on a fixed subset of this many images")
+    tr.add_argument("--eval-limit", type=int, default=None, help="test images evaluated after each epoch")
+    tr.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    tr.add_argument("--freeze", action="append", default=None, help="freeze parameters whose name contains this (repeatable)")
+    tr.add_argument("--lr-scale", action="append", default=None, metavar="PATTERN=SCALE", help="learning-rate multiplier for parameters whose name contains PATTERN (repeatable)")
+    tr.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
+    tr.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _resolve(value: str | None, relative: str, what: str) -> str:
+    if value is not None:
+        return value
+    path = default_path(relative)
+    if path is None:
+        raise ConfigError(f"no --{what} given and no shared/ directory found (set VITBUDGET_SHARED)")
+    return path
+
+
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(METHODS[method].options)}
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None and k[4:] in fields}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import EvalTransform, ImageFolder, subset_indices
+    from .eval.evaluate import evaluate, predictions_arrays
+    from .eval.machine import machine_info
+    from .models import load_model
+    from .report import results_table
+
+    out_dir = ensure_writable_dir(args.out)
+    model_path = _resolve(args.model, DEFAULT_MODEL, "model")
+    data_path = _resolve(args.data, DEFAULT_DATA, "data")
+    overrides = {"num_classes": args.num_classes} if args.num_classes else {}
+    model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
+    names = list(dict.fromkeys(["baseline", *(args.method or [])]))
+    given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
+    if unused:
+        raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
+    methods = {name: build_method(name, model, **_method_options(args, name)) for name in names}
+
+    dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
+    if model.info.classes and dataset.classes != model.info.classes:
+        print(f"warning: dataset classes {dataset.classes[:5]}... differ from the model's {model.info.classes[:5]}...", file=sys.stderr)
+    if len(dataset.classes) > model.cfg.num_classes:
+        raise ConfigError(f"dataset has {len(dataset.classes)} classes but the model only {model.cfg.num_classes} outputs")
+    indices = subset_indices(len(dataset), args.limit)
+    results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
+                              device=args.device, speed=not args.no_speed, progress=not args.quiet)
+    report = {
+        "command": "vitbudget " + shlex.join(sys.argv[1:]),
+        "model": {"path": str(model_path), "name": model.info.name, "config": model.cfg.to_dict()},
+        "data": {"path": str(data_path), "split": args.split, "images": len(indices), "of": len(dataset), "limit": args.limit},
+        "machine": machine_info(args.device),
+        "methods": results,
+    }
+    table = results_table(results)
+    write_json(out_dir / "results.json", report)
+    write_text(out_dir / "results.md", f"`{report['command']}` — {len(indices)} images, {report['machine']['cpu']}\n\n{table}")
+    with atomic_path(out_dir / "predictions.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **predictions_arrays(preds))
+    print(table)
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'predictions.npz'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .train import Trainer, get_recipe
+
+    lr_scales = None
+    if args.lr_scale:
+        try:
+            lr_scales = [(p, float(s)) for p, s in (item.rsplit("=", 1) for item in args.lr_scale)]
+        except ValueError:
+            raise ConfigError(f"--lr-scale takes PATTERN=SCALE, got {args.lr_scale}") from None
+    recipe = get_recipe(
+        args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
+        eval_limit=args.eval_limit, save_every_steps=args.save_every, freeze=args.freeze, lr_scales=lr_scales,
+        distill_weight=args.distill_weight,
+    )
+    init = load_model(args.init) if args.init else None
+    if init is not None:
+        recipe = recipe.replace(arch=init.cfg.to_dict())
+    teacher = load_model(args.teacher) if args.teacher else None
+    if teacher is not None and not recipe.distill_weight:
+        recipe = recipe.replace(distill_weight=0.5)
+    data = _resolve(args.data, DEFAULT_DATA, "data")
+    trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet)
+    if trainer.state_path.is_file():
+        print(f"resuming from {trainer.state_path}", file=sys.stderr)
+    result = trainer.fit()
+    print(json.dumps({"model": str(result.model_path), **result.metrics}, indent=1))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"eval": cmd_eval, "train": cmd_train}[args.command](args)
+    except VitbudgetError as exc:
+        print(f"vitbudget: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vitbudget: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Unpack ImageFolder archives (.tar / .tar.gz) once into a cache, with an integrity check."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..errors import DataError
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MANIFEST = ".vitbudget-unpacked.json"
+
+
+def cache_root() -> Path:
+    """$VITBUDGET_CACHE, else $XDG_CACHE_HOME/vitbudget, else ~/.cache/vitbudget."""
+    if os.environ.get("VITBUDGET_CACHE"):
+        return Path(os.environ["VITBUDGET_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vitbudget"
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _count_files(root: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(root)) - 1  # minus the manifest
+
+
+def unpack(archive: str | os.PathLike, cache: Path | None = None) -> Path:
+    """Directory holding the archive's contents; extracted on first use, verified on every use.
+
+    The cache key is the archive's SHA-256, so a changed archive is unpacked anew. Extraction
+    goes to a temporary directory renamed into place, so an interrupted unpack leaves nothing
+    that looks complete.
+    """
+    archive = Path(archive)
+    if not is_archive(archive):
+        raise DataError(f"{str(archive)!r} is not a .tar or .tar.gz file")
+    sha = file_sha256(archive)
+    stem = archive.name
+    for suffix in ARCHIVE_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    dest = (cache or cache_root()) / "datasets" / f"{stem}-{sha[:16]}"
+    manifest = dest / MANIFEST
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("sha256") == sha and recorded.get("files") == _count_files(dest):
+            return dest
+        shutil.rmtree(dest)  # damaged or stale: unpack again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        files = _count_files(tmp) + 1  # no manifest yet
+        (tmp / MANIFEST).write_text(json.dumps({"archive": str(archive), "sha256": sha, "files": files}))
+        os.replace(tmp, dest)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"cannot unpack {str(archive)!r}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,61 @@
+"""DataLoaders: deterministic subsets and epoch orders, both cores, readable worker errors."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, DataError, VitbudgetError
+
+
+def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
+    """A fixed pseudo-random subset of `limit` indices in ascending order (all when limit is None)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    return sorted(np.random.default_rng(seed).permutation(n)[:limit].tolist())
+
+
+def epoch_order(indices: Sequence[int], seed: int, epoch: int) -> list[int]:
+    """The training order of one epoch: a function of (seed, epoch) only, so resume can replay it."""
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(indices))
+    return [indices[i] for i in perm]
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+def make_loader(dataset: Dataset, order: Sequence[int], batch_size: int, workers: int | None = None, drop_last: bool = False) -> DataLoader:
+    workers = default_workers() if workers is None else workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=list(order),
+        num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        drop_last=drop_last,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),  # never draw from the global RNG: resume stays exact
+    )
+
+
+def iterate(loader: Iterable) -> Iterator:
+    """Iterate a loader, re-raising a worker's DataError with its own message, not torch's wrapper."""
+    try:
+        yield from loader
+    except VitbudgetError as exc:
+        message = str(exc)
+        if message.startswith("Caught "):  # torch's ExceptionWrapper: the original is the last line
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+            raise type(exc)(message) from None
+        raise

@@ -1,0 +1,113 @@
+"""Evaluate methods on a dataset: accuracy, calibration, FLOPs from executed tokens, speed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data.loader import iterate, make_loader
+from ..methods.base import Method
+from . import metrics
+from .cost import dense_macs, executed_macs_per_image, macs_per_image
+from .speed import speed_report, time_interleaved
+
+
+@dataclass
+class Predictions:
+    logits: Tensor  # (N, C) float32
+    labels: Tensor  # (N,)
+    macs: Tensor  # (N,) float64, per image from its real token counts
+    executed_macs: float  # mean per image including padding
+
+    def summary(self, base_macs: float) -> dict[str, float]:
+        out = metrics.summarize(self.logits, self.labels)
+        out["gflops"] = float(self.macs.mean()) / 1e9
+        out["gflops_executed"] = self.executed_macs / 1e9
+        out["rel_flops"] = float(self.macs.mean()) / base_macs
+        return out
+
+
+@torch.inference_mode()
+def predict(
+    method: Method, dataset, indices: Sequence[int], batch_size: int = 256, workers: int | None = None,
+    device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval",
+) -> Predictions:
+    """Run `method` over dataset[indices] in order; collect logits, labels and per-image FLOPs."""
+    method.eval()
+    cfg = method.model.cfg
+    loader = make_loader(dataset, indices, batch_size, workers)
+    logits, labels, macs, executed = [], [], [], []
+    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, leave=False)
+    for images, targets in iterate(loader):
+        out = method(images.to(device))
+        logits.append(out.logits.float().cpu())
+        labels.append(targets)
+        macs.append(macs_per_image(cfg, out.record))
+        executed.append(executed_macs_per_image(cfg, out.record) * len(targets))
+        bar.update(len(targets))
+    bar.close()
+    return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices))
+
+
+def measure_speed(
+    methods: dict[str, Method], dataset, indices: Sequence[int], device: torch.device | str = "cpu",
+    latency_repeats: int = 50, throughput_batch: int = 64, throughput_repeats: int = 10, baseline: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency over distinct images and batch-`throughput_batch` throughput, interleaved."""
+    for m in methods.values():
+        m.eval()
+    n_single = min(16, len(indices))
+    singles = [dataset[i][0][None].to(device) for i in indices[:n_single]]
+    batch = torch.stack([dataset[i][0] for i in indices[:throughput_batch]]).to(device)
+    fns = {name: m for name, m in methods.items()}
+    lat = speed_report(time_interleaved(fns, singles, warmup=3, repeats=latency_repeats), 1, baseline)
+    thr = speed_report(time_interleaved(fns, [batch], warmup=2, repeats=throughput_repeats), len(batch), baseline)
+    out = {}
+    for name in methods:
+        out[name] = {
+            "latency_b1_ms": lat[name]["median_ms"],
+            "latency_ratio": lat[name].get("time_ratio"),
+            f"throughput_b{len(batch)}": thr[name]["images_per_s"],
+            "throughput_ratio": 1 / thr[name]["time_ratio"] if "time_ratio" in thr[name] else None,
+            "throughput_batch": len(batch),
+        }
+    return out
+
+
+def evaluate(
+    methods: dict[str, Method], dataset, indices: Sequence[int], *, batch_size: int = 256, workers: int | None = None,
+    device: torch.device | str = "cpu", speed: bool = True, progress: bool = True, baseline: str | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Predictions]]:
+    """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default)."""
+    baseline = baseline or next(iter(methods))
+    results, preds = {}, {}
+    for name, method in methods.items():
+        pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=name)
+        preds[name] = pred
+        results[name] = {**method.describe(), **pred.summary(dense_macs(method.model.cfg))}
+    if speed:
+        for name, entry in measure_speed(methods, dataset, indices, device, baseline=baseline).items():
+            results[name].update(entry)
+    if baseline in preds:
+        for name, pred in preds.items():
+            if name != baseline:
+                results[name]["mcnemar_vs_baseline"] = metrics.mcnemar(
+                    (pred.logits.argmax(1) == pred.labels).numpy(), (preds[baseline].logits.argmax(1) == preds[baseline].labels).numpy()
+                )
+    return results, preds
+
+
+def predictions_arrays(preds: dict[str, Predictions]) -> dict[str, np.ndarray]:
+    """Per-image arrays for later paired tests (McNemar, bootstrap): labels, predictions, confidences, FLOPs."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, p in preds.items():
+        probs = p.logits.softmax(dim=1)
+        arrays[f"{name}/pred"] = p.logits.argmax(1).numpy()
+        arrays[f"{name}/confidence"] = probs.max(dim=1).values.numpy()
+        arrays[f"{name}/macs"] = p.macs.numpy()
+        arrays["labels"] = p.labels.numpy()
+    return arrays

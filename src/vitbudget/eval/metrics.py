@@ -1,0 +1,62 @@
+"""Accuracy, calibration and significance from logits and labels."""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import Tensor
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def nll(logits: Tensor, labels: Tensor) -> float:
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def ece(logits: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """Expected calibration error over equal-width confidence bins (Guo et al. 2017)."""
+    probs = logits.double().softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    # bin b holds confidences in (edges[b], edges[b+1]]; confidence 0 cannot occur after softmax
+    index = torch.bucketize(conf, edges[1:-1], right=False)
+    total = 0.0
+    for b in range(bins):
+        sel = index == b
+        if sel.any():
+            total += float(sel.double().mean()) * abs(float(conf[sel].mean()) - float(correct[sel].mean()))
+    return total
+
+
+def paired_ttest(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p-value of a paired t-test between per-seed scores; nan when undefined."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or np.allclose(a - b, (a - b)[0]):
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
+    """Exact McNemar test on per-image correctness of two predictors over the same images."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(min(only_a, only_b), n, 0.5).pvalue)
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+
+
+def mean_std(values) -> tuple[float, float]:
+    arr = np.asarray(values, float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarize(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    return {"top1": 100 * top1(logits, labels), "ece": 100 * ece(logits, labels), "nll": nll(logits, labels)}
+
+
+__all__ = ["ece", "mcnemar", "mean_std", "nll", "paired_ttest", "summarize", "top1"]

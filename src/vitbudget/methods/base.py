@@ -1,0 +1,41 @@
+"""What a method is: hooks into the block runner, plus any parameters it adds to the ViT."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..runtime.runner import Hooks, RunOutput, run
+
+
+class Method(nn.Module, Hooks):
+    """A way of running a ViT. By default: the block runner with this object as its hooks.
+
+    Subclasses override hook steps (`before_block`, `after_attention`, `after_block`,
+    `finish`...) and, when they need several passes (multi-crop), `forward` itself.
+    The wrapped model is a submodule, so fine-tuning a method trains what it should.
+    """
+
+    name = "baseline"
+
+    def __init__(self, model: nn.Module, options: Any = None):
+        super().__init__()
+        self.model = model
+        self.options = options
+
+    def forward(self, images: Tensor) -> RunOutput:
+        return run(self.model, images, self)
+
+    def extra_losses(self, out: RunOutput) -> dict[str, Tensor]:
+        """Weighted loss terms the method adds in training (ponder cost, keep-rate...)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that identify this run in reports."""
+        opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
+        return {"method": self.name, **opts}
+
+
+class Baseline(Method):
+    """The unmodified ViT, executed through the runner (bit-identical to `model(images)`)."""

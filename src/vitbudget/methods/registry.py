@@ -1,0 +1,59 @@
+"""Methods by name, each with a dataclass of options that the CLI turns into flags."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+from .base import Baseline, Method
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The baseline takes no options."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Callable[[nn.Module, Any], Method]
+    options: type
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, build: Callable[[nn.Module, Any], Method], options: type, summary: str) -> None:
+    METHODS[name] = MethodSpec(name, build, options, summary)
+
+
+register("baseline", lambda model, opts: Baseline(model, opts), NoOptions, "the unmodified ViT")
+
+
+def make_options(name: str, values: dict[str, Any]) -> Any:
+    """Build `name`'s options dataclass; an option the method does not have is an error."""
+    spec = get_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.options)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise ConfigError(f"option(s) {flags} do not apply to method {name!r} (its options: {', '.join(sorted(fields)) or 'none'})")
+    try:
+        return spec.options(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid options for {name!r}: {exc}") from exc
+
+
+def get_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(name: str, model: nn.Module, **options: Any) -> Method:
+    """`build_method('baseline', model)`: the named method wrapped around a loaded ViT."""
+    return get_spec(name).build(model, make_options(name, options))

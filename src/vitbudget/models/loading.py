@@ -1,0 +1,175 @@
+"""Load and save ViTs: our safetensors + JSON sidecar, timm state-dict files, live timm models."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_path, write_json
+from .config import ModelInfo, Preprocess, ViTConfig, named_config
+from .vit import VisionTransformer
+
+SIDECAR_FORMAT = "vitbudget.checkpoint/1"
+
+
+def sidecar_path(weights: str | os.PathLike) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint sidecar {str(path)!r} not found (pass --arch NAME for a plain state dict)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint sidecar {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"checkpoint sidecar {str(path)!r} has no 'config' entry")
+    return meta
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file (plain, or under 'model' / 'state_dict')."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, Exception) as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return obj
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """strict=True loading whose error names the mismatch instead of dumping every key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]) + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
+        if missing:
+            parts.append(f"missing {len(missing)} keys e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys e.g. {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"checkpoint {source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any) -> VisionTransformer:
+    """Load a ViT from a checkpoint path or a live timm model, in eval mode.
+
+    - `path.safetensors` with `path.json` beside it: our format (config, preprocessing, metadata).
+    - a timm state-dict file (.pth/.pt/.bin/.safetensors) with `arch` naming its shape
+      (e.g. 'deit_tiny_patch16_224'); `config_overrides` adjust it (num_classes=10, img_size=32...).
+    - a `timm.models.VisionTransformer` instance: weights are copied into our model.
+    """
+    if isinstance(source, nn.Module):
+        return from_timm(source)
+    path = Path(source)
+    if arch is None:
+        meta = read_sidecar(sidecar_path(path))
+        cfg = ViTConfig.from_dict({**meta["config"], **config_overrides})
+        info = ModelInfo(
+            name=meta.get("name", path.stem),
+            preprocess=Preprocess.from_dict(meta.get("preprocess") or meta.get("normalize")),
+            classes=meta.get("classes"),
+            extra={k: v for k, v in meta.items() if k not in {"config", "preprocess", "normalize", "classes", "name"}},
+        )
+    else:
+        cfg = named_config(arch, **config_overrides)
+        info = ModelInfo(name=arch, preprocess=Preprocess(crop_pct=0.875))  # timm's defaults for these models
+    state = read_state_dict(path)
+    model = VisionTransformer(cfg)
+    load_state_dict_strict(model, state, repr(str(path)))
+    model.info = info
+    return model.eval()
+
+
+def save_model(model: VisionTransformer, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write `path` (.safetensors) and its JSON sidecar atomically; metadata is merged into the sidecar."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"model files end in .safetensors, got {str(path)!r}")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "name": model.info.name,
+        "arch": "vit",
+        "config": model.cfg.to_dict(),
+        "preprocess": model.info.preprocess.to_dict(),
+        "classes": model.info.classes,
+        **model.info.extra,
+        **metadata,
+    }
+    write_json(sidecar_path(path), meta)
+    return path
+
+
+def config_from_timm(timm_model: nn.Module) -> ViTConfig:
+    """Read the architecture off a live timm VisionTransformer; refuse what we cannot mirror."""
+    try:
+        pe = timm_model.patch_embed
+        block = timm_model.blocks[0]
+        if getattr(timm_model, "attn_pool", None) is not None:
+            raise ConfigError("timm models with attention pooling ('map') are not supported")
+        if not isinstance(block.norm1, nn.LayerNorm) or not isinstance(block.mlp.act, nn.GELU):
+            raise ConfigError("only LayerNorm + GELU ViT blocks are supported")
+        img = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size,) * 2
+        patch = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
+        if img[0] != img[1] or patch[0] != patch[1]:
+            raise ConfigError(f"only square inputs and patches are supported, got img {img} patch {patch}")
+        ls = getattr(block, "ls1", nn.Identity())
+        return ViTConfig(
+            img_size=int(img[0]),
+            patch_size=int(patch[0]),
+            in_chans=pe.proj.in_channels,
+            num_classes=timm_model.num_classes,
+            global_pool=timm_model.global_pool,
+            embed_dim=timm_model.embed_dim,
+            depth=len(timm_model.blocks),
+            num_heads=block.attn.num_heads,
+            mlp_ratio=block.mlp.fc1.out_features / timm_model.embed_dim,
+            qkv_bias=block.attn.qkv.bias is not None,
+            qk_norm=not isinstance(block.attn.q_norm, nn.Identity),
+            init_values=float(ls.gamma.detach().flatten()[0]) if hasattr(ls, "gamma") else None,
+            class_token=timm_model.cls_token is not None,
+            reg_tokens=int(getattr(timm_model, "num_reg_tokens", 0)),
+            no_embed_class=bool(getattr(timm_model, "no_embed_class", False)),
+            pre_norm=not isinstance(timm_model.norm_pre, nn.Identity),
+            fc_norm=not isinstance(timm_model.fc_norm, nn.Identity),
+            norm_eps=block.norm1.eps,
+        )
+    except AttributeError as exc:
+        raise ConfigError(f"not a timm VisionTransformer: {exc}") from exc
+
+
+def from_timm(timm_model: nn.Module) -> VisionTransformer:
+    cfg = config_from_timm(timm_model)
+    model = VisionTransformer(cfg)
+    load_state_dict_strict(model, timm_model.state_dict(), "from the timm model")
+    pretrained = getattr(timm_model, "pretrained_cfg", None) or {}
+    if pretrained.get("mean"):
+        model.info.preprocess = Preprocess(mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]), crop_pct=float(pretrained.get("crop_pct", 1.0)))
+    model.info.name = pretrained.get("architecture", "timm_vit")
+    return model.eval()

@@ -1,0 +1,90 @@
+"""Multi-head self-attention driven through a timm `Attention` module's own submodules.
+
+One function serves the model's plain forward and every method, so they cannot drift apart.
+Fused SDPA is the default path; attention probabilities are materialised only on request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POLICY_EPS = 1e-6
+
+
+@dataclass
+class AttentionInfo:
+    """What a block's attention exposes to hooks. Fields are None unless asked for."""
+
+    probs: Tensor | None = None  # (B, H, N, N) softmax probabilities
+    keys: Tensor | None = None  # (B, H, N, head_dim) keys after k_norm
+
+
+def _key_bias(key_mask: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Fold a key-padding mask and an additive bias into one (B, 1, 1, N) tensor, or None."""
+    if key_mask is None:
+        return bias
+    mask = key_mask[:, None, None, :]
+    if bias is None:
+        return mask  # SDPA takes a boolean mask: True = attend
+    return bias.masked_fill(~mask, float("-inf")).to(dtype)
+
+
+def multihead_attention(
+    attn: nn.Module,
+    x: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    policy: Tensor | None = None,
+    need_probs: bool = False,
+    need_keys: bool = False,
+) -> tuple[Tensor, AttentionInfo]:
+    """Attention of a timm-layout module on (B, N, C) input.
+
+    key_mask: (B, N) bool, False marks padding keys nobody may attend to.
+    bias: additive (B, 1, 1, N) logit bias (ToMe's proportional attention adds log sizes).
+    policy: (B, N) keep mask in [0, 1] for training-mode pruning (DynamicViT's masked softmax):
+        kept queries attend only to kept keys, and gradients reach the policy.
+    """
+    B, N, _ = x.shape
+    num_heads = attn.num_heads
+    qkv = attn.qkv(x)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    info = AttentionInfo(keys=k if need_keys else None)
+    full_bias = _key_bias(key_mask, bias, q.dtype)
+
+    if need_probs or policy is not None:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if full_bias is not None:
+            logits = logits.masked_fill(~full_bias, float("-inf")) if full_bias.dtype == torch.bool else logits + full_bias
+        if policy is None:
+            probs = logits.softmax(dim=-1)
+        else:
+            probs = _policy_softmax(logits, policy)
+        info.probs = probs
+        out = attn.attn_drop(probs) @ v
+    else:
+        dropout_p = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias, dropout_p=dropout_p)
+
+    out = out.transpose(1, 2).reshape(B, N, num_heads * head_dim)
+    norm = getattr(attn, "norm", None)  # timm >= 1.0.x has an (Identity) norm before proj
+    if norm is not None:
+        out = norm(out)
+    return attn.proj_drop(attn.proj(out)), info
+
+
+def _policy_softmax(logits: Tensor, policy: Tensor) -> Tensor:
+    """Softmax over kept keys only; a dropped token still attends to itself so its row stays finite."""
+    N = logits.shape[-1]
+    eye = torch.eye(N, dtype=logits.dtype, device=logits.device)
+    keep = policy[:, None, None, :].to(logits.dtype)
+    keep = keep + (1.0 - keep) * eye
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    weights = logits.exp() * keep
+    return (weights + POLICY_EPS / N) / (weights.sum(dim=-1, keepdim=True) + POLICY_EPS)

@@ -1,0 +1,110 @@
+"""Execute a ViT block by block, letting a method act on the tokens between blocks.
+
+Methods never fork the block forward: the runner drives each block's own submodules (norm1,
+attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2) and records how many tokens every block
+actually executed, which is what cost accounting reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attention import AttentionInfo, multihead_attention
+from .state import TokenState
+
+
+class Hooks:
+    """A method's view of the forward pass. Every step defaults to doing nothing.
+
+    Subclass (usually together with nn.Module, to carry parameters) and override what you need.
+    """
+
+    def needs_probs(self, index: int) -> bool:
+        """Whether block `index` must materialise attention probabilities (explicit softmax)."""
+        return False
+
+    def needs_keys(self, index: int) -> bool:
+        return False
+
+    def begin(self, model: nn.Module, state: TokenState, record: "ExecutionRecord") -> TokenState:
+        return state
+
+    def before_block(self, index: int, state: TokenState, record: "ExecutionRecord") -> TokenState:
+        return state
+
+    def after_attention(self, index: int, state: TokenState, info: AttentionInfo, record: "ExecutionRecord") -> TokenState:
+        """Between the attention residual and the MLP (where ToMe merges, EViT prunes)."""
+        return state
+
+    def after_block(self, index: int, state: TokenState, info: AttentionInfo, record: "ExecutionRecord") -> TokenState:
+        return state
+
+    def finish(self, model: nn.Module, state: TokenState, record: "ExecutionRecord") -> Tensor:
+        """Final norm, pooling and head; methods that change the readout override this."""
+        return model.forward_head(model.norm(state.x), state.key_mask)
+
+
+NO_HOOKS = Hooks()
+
+
+@dataclass
+class ExecutionRecord:
+    """Tokens each block actually executed, per image, plus method overhead in MACs.
+
+    attn_tokens[i] / mlp_tokens[i]: (B,) real tokens in block i's attention / MLP.
+    attn_width[i] / mlp_width[i]: tokens per image including padding (what the hardware ran).
+    extra_macs: (B,) scorers, predictors and extra blocks a method added.
+    """
+
+    batch_size: int
+    attn_tokens: list[Tensor] = field(default_factory=list)
+    mlp_tokens: list[Tensor] = field(default_factory=list)
+    attn_width: list[int] = field(default_factory=list)
+    mlp_width: list[int] = field(default_factory=list)
+    extra_macs: Tensor | None = None
+    aux: dict[str, Any] = field(default_factory=dict)
+
+    def add_macs(self, macs: Tensor | float) -> None:
+        macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
+        self.extra_macs = macs.clone() if self.extra_macs is None else self.extra_macs + macs
+
+
+@dataclass
+class RunOutput:
+    logits: Tensor
+    state: TokenState
+    record: ExecutionRecord
+
+
+def run_block(block: nn.Module, index: int, state: TokenState, hooks: Hooks, record: ExecutionRecord) -> TokenState:
+    """One timm-layout block, with the hooks' attention needs and the token counts recorded."""
+    need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
+    bias = None if state.size is None else state.size.log()[:, None, None, :].to(state.x.dtype)
+    attn_out, info = multihead_attention(
+        block.attn, block.norm1(state.x), key_mask=state.key_mask, bias=bias, policy=state.policy,
+        need_probs=need_probs, need_keys=need_keys,
+    )
+    record.attn_tokens.append(state.num_tokens().cpu())
+    record.attn_width.append(state.width)
+    state = state.replace(x=state.x + block.drop_path1(block.ls1(attn_out)))
+    state = hooks.after_attention(index, state, info, record)
+    record.mlp_tokens.append(state.num_tokens().cpu())
+    record.mlp_width.append(state.width)
+    x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
+    return hooks.after_block(index, state.replace(x=x), info, record)
+
+
+def run(model: nn.Module, images: Tensor, hooks: Hooks | None = None) -> RunOutput:
+    """Forward `images` through `model` block by block; with no hooks this equals `model(images)`."""
+    hooks = hooks or NO_HOOKS
+    state = TokenState.initial(model.embed(images), model.num_prefix_tokens)
+    record = ExecutionRecord(batch_size=images.shape[0])
+    state = hooks.begin(model, state, record)
+    for index, block in enumerate(model.blocks):
+        state = hooks.before_block(index, state, record)
+        state = run_block(block, index, state, hooks, record)
+    logits = hooks.finish(model, state, record)
+    return RunOutput(logits=logits, state=state, record=record)

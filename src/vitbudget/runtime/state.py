@@ -1,0 +1,106 @@
+"""TokenState: the tokens a ViT is working on, and where each came from."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenState:
+    """Token features plus per-token bookkeeping that must travel with them.
+
+    x: (B, N, D) features; prefix tokens (CLS, registers) come first.
+    patch_ids: (B, N) original patch index of every token; -1 for prefix tokens.
+    key_mask: (B, N) bool, False = padding (images in a batch kept different counts).
+    policy: (B, N) float keep mask for training-mode masking (tokens stay, attention ignores them).
+    size: (B, N) float number of original patches a token stands for (merging).
+    extras: per-token tensors (B, N, ...) a method wants gathered along with the tokens.
+    """
+
+    x: Tensor
+    patch_ids: Tensor
+    num_prefix: int
+    key_mask: Tensor | None = None
+    policy: Tensor | None = None
+    size: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def initial(cls, x: Tensor, num_prefix: int) -> "TokenState":
+        B, N, _ = x.shape
+        ids = torch.arange(N, device=x.device) - num_prefix
+        ids = ids.clamp(min=-1).expand(B, N)
+        return cls(x=x, patch_ids=ids, num_prefix=num_prefix)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Tokens per image as executed, padding included."""
+        return self.x.shape[1]
+
+    def num_tokens(self) -> Tensor:
+        """(B,) real tokens per image, padding excluded."""
+        if self.key_mask is None:
+            return torch.full((self.batch_size,), self.width, device=self.x.device, dtype=torch.long)
+        return self.key_mask.sum(dim=1)
+
+    def replace(self, **changes) -> "TokenState":
+        return dataclasses.replace(self, **changes)
+
+    def _per_token_fields(self) -> dict[str, Tensor]:
+        fields = {"x": self.x, "patch_ids": self.patch_ids}
+        for name in ("key_mask", "policy", "size"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields
+
+    def gather(self, index: Tensor) -> "TokenState":
+        """Keep tokens `index` (B, K) of every image, in that order, with all their bookkeeping."""
+        def take(t: Tensor) -> Tensor:
+            idx = index.reshape(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+            return t.gather(1, idx)
+
+        new = {name: take(t) for name, t in self._per_token_fields().items()}
+        extras = {name: take(t) for name, t in self.extras.items()}
+        return self.replace(**new, extras=extras)
+
+    def keep_top_patches(self, scores: Tensor, k: int) -> "TokenState":
+        """Keep the prefix and the k highest-scoring patch tokens, in their original order.
+
+        scores: (B, N - num_prefix) for the current patch tokens.
+        """
+        top = scores.topk(k, dim=1).indices.sort(dim=1).values + self.num_prefix
+        prefix = torch.arange(self.num_prefix, device=top.device).expand(top.shape[0], -1)
+        return self.gather(torch.cat([prefix, top], dim=1))
+
+    def compact(self, keep: Tensor) -> "TokenState":
+        """Remove tokens where `keep` (B, N) is False, padding each image to the batch maximum.
+
+        Kept tokens keep their relative order; `key_mask` marks the padding so attention
+        ignores it. With equal counts per image there is no padding and no mask.
+        """
+        if self.key_mask is not None:
+            keep = keep & self.key_mask
+        counts = keep.sum(dim=1)
+        width = int(counts.max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        new = self.gather(order)
+        mask = keep.gather(1, order)
+        return new.replace(key_mask=None if bool(mask.all()) else mask)
+
+    def to_patch_grid(self, values: Tensor, num_patches: int, fill: float = float("nan")) -> Tensor:
+        """Scatter per-token values (B, N) back to (B, num_patches) by original patch index."""
+        out = torch.full((self.batch_size, num_patches + 1), fill, dtype=values.dtype, device=values.device)
+        ids = self.patch_ids.clone()
+        ids[ids < 0] = num_patches  # prefix and padding land in a discarded slot
+        if self.key_mask is not None:
+            ids[~self.key_mask] = num_patches
+        out.scatter_(1, ids, values)
+        return out[:, :num_patches]

@@ -1,0 +1,178 @@
+"""The training loop: deterministic data order, periodic atomic checkpoints, exact resume."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
+from ..errors import CheckpointError, ConfigError
+from ..eval.evaluate import predict
+from ..eval.metrics import summarize
+from ..io import atomic_path, ensure_writable_dir
+from ..methods import build_method
+from ..models import Preprocess, VisionTransformer, ViTConfig, save_model
+from .losses import classification_loss, distillation_loss
+from .optim import lr_at, make_optimizer, set_lr
+from .recipes import Recipe
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    metrics: dict[str, float]
+    log: list[dict[str, Any]]
+
+
+class Trainer:
+    """Train (or fine-tune) a ViT, or a method around one, on an ImageFolder dataset.
+
+    Everything random is a function of the recipe's seed: model init, the order of each epoch
+    and each sample's augmentation. A run killed at any point resumes from its last
+    checkpoint and ends with the same weights as a run that was never interrupted.
+    """
+
+    def __init__(
+        self, recipe: Recipe, data: str | os.PathLike, out_dir: str | os.PathLike, *, init: VisionTransformer | None = None,
+        teacher: nn.Module | None = None, device: str = "cpu", workers: int | None = None, progress: bool = True,
+    ):
+        self.recipe = recipe
+        self.out_dir = ensure_writable_dir(out_dir)
+        self.device = torch.device(device)
+        self.workers = workers
+        self.progress = progress
+        torch.manual_seed(recipe.seed)
+        if init is None:
+            model = VisionTransformer(ViTConfig.from_dict(recipe.arch))
+            model.info.preprocess = Preprocess(mean=recipe.mean, std=recipe.std)
+        else:
+            model = init
+        model.info.name = recipe.name
+        self.model = model
+        pre = model.info.preprocess
+        size = model.cfg.img_size
+        train_tf = PadCropFlip(size, pre) if recipe.augment == "pad_crop_flip" else EvalTransform(size, pre)
+        self.train_set = ImageFolder(data, "train", train_tf)
+        self.test_set = ImageFolder(data, "test", EvalTransform(size, pre))
+        if len(self.train_set.classes) != model.cfg.num_classes:
+            raise ConfigError(f"the data has {len(self.train_set.classes)} classes but the model has {model.cfg.num_classes} outputs")
+        model.info.classes = self.train_set.classes
+        self.method = build_method(recipe.method, model, **recipe.method_options).to(self.device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        if recipe.distill_weight and self.teacher is None:
+            raise ConfigError("the recipe sets distill_weight but no teacher model was given")
+        self.optimizer = make_optimizer(self.method, recipe)
+        self.train_indices = subset_indices(len(self.train_set), recipe.train_limit, recipe.seed)
+        self.steps_per_epoch = len(self.train_indices) // recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch size {recipe.batch_size} exceeds the {len(self.train_indices)} training images")
+        self.total_steps = math.ceil(recipe.epochs * self.steps_per_epoch)
+        self.step = 0
+        self.log: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+
+    # -- checkpoints --
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_FILE
+
+    def save_state(self) -> None:
+        state = {
+            "step": self.step, "recipe": self.recipe.to_dict(), "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "log": self.log,
+            "elapsed": self.elapsed,
+        }
+        with atomic_path(self.state_path) as tmp:
+            torch.save(state, tmp)
+
+    def try_resume(self) -> bool:
+        if not self.state_path.is_file():
+            return False
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+            raise CheckpointError(f"cannot resume from {str(self.state_path)!r}: {exc}; delete it to start over") from exc
+        if state["recipe"] != self.recipe.to_dict():
+            changed = sorted(k for k in state["recipe"] if state["recipe"][k] != self.recipe.to_dict().get(k))
+            raise CheckpointError(f"{str(self.state_path)!r} was written by a different recipe (differs in {', '.join(changed)}); use another --out or delete it")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.log, self.elapsed = state["step"], state["log"], state["elapsed"]
+        return True
+
+    # -- loop --
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.method(images)
+        parts = {"ce": classification_loss(out.logits, targets, self.recipe.label_smoothing)}
+        if self.teacher is not None and self.recipe.distill_weight:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher_logits)
+        parts.update(self.method.extra_losses(out))
+        total = sum(parts.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }")
+        return total, {k: float(v) for k, v in parts.items()}
+
+    def evaluate(self, limit: int | None) -> dict[str, float]:
+        indices = subset_indices(len(self.test_set), limit, seed=0)
+        pred = predict(self.method, self.test_set, indices, batch_size=256, workers=self.workers, device=self.device, progress=False)
+        self.method.train()
+        return {**summarize(pred.logits, pred.labels), "eval_images": len(indices)}
+
+    def fit(self, stop_at_step: int | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult | None:
+        """Train to the end (or to `stop_at_step`, for tests), checkpointing as it goes."""
+        recipe = self.recipe
+        self.try_resume()
+        self.method.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {recipe.name}", unit="step", disable=not self.progress)
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.train_set.set_epoch(epoch, recipe.seed)
+            order = epoch_order(self.train_indices, recipe.seed, epoch)[: self.steps_per_epoch * recipe.batch_size]
+            loader = make_loader(self.train_set, order[start * recipe.batch_size :], recipe.batch_size, self.workers, drop_last=True)
+            tick = time.perf_counter()
+            for images, targets in iterate(loader):
+                images, targets = images.to(self.device), targets.to(self.device)
+                set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.steps_per_epoch, recipe))
+                loss, parts = self.loss(images, targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.clip_grad:
+                    nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], recipe.clip_grad)
+                self.optimizer.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                if epoch_done:
+                    self.elapsed += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    self.log.append({"epoch": epoch, "step": self.step, "train_loss": parts["ce"], **self.evaluate(recipe.eval_limit), "seconds": round(self.elapsed, 1)})
+                    bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.log[-1].items() if isinstance(v, float)))
+                if epoch_done or self.step % recipe.save_every_steps == 0:
+                    self.elapsed += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    self.save_state()
+                if on_step is not None:
+                    on_step(self.step)
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    bar.close()
+                    return None
+                if self.step >= self.total_steps:
+                    break
+        bar.close()
+        metrics = self.evaluate(recipe.final_eval_limit)
+        path = save_model(self.model, self.out_dir / MODEL_FILE, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1))
+        return TrainResult(path, metrics, self.log)
