@@ -157,11 +157,17 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
             reg_tokens=int(getattr(timm_model, "num_reg_tokens", 0)),
             no_embed_class=bool(getattr(timm_model, "no_embed_class", False)),
             pre_norm=not isinstance(timm_model.norm_pre, nn.Identity),
-            fc_norm=not isinstance(timm_model.fc_norm, nn.Identity),
+            fc_norm=_explicit_fc_norm(timm_model),
             norm_eps=block.norm1.eps,
         )
     except AttributeError as exc:
         raise ConfigError(f"not a timm VisionTransformer: {exc}") from exc
+
+
+def _explicit_fc_norm(timm_model: nn.Module) -> bool | None:
+    """None where timm's default (fc_norm iff avg pooling) holds, so configs compare equal."""
+    has = not isinstance(timm_model.fc_norm, nn.Identity)
+    return None if has == (timm_model.global_pool == "avg") else has
 
 
 def from_timm(timm_model: nn.Module) -> VisionTransformer:

@@ -88,11 +88,11 @@ class Block(nn.Module):
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, cfg.attn_drop_rate)
-        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
-        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -123,7 +123,7 @@ class Trainer:
         total = sum(parts.values())
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }")
-        return total, {k: float(v) for k, v in parts.items()}
+        return total, {k: float(v.detach()) for k, v in parts.items()}
 
     def evaluate(self, limit: int | None) -> dict[str, float]:
         indices = subset_indices(len(self.test_set), limit, seed=0)
@@ -154,7 +154,7 @@ class Trainer:
                 self.optimizer.step()
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 epoch_done = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                 if epoch_done:
                     self.elapsed += time.perf_counter() - tick

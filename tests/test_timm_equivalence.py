@@ -1,0 +1,106 @@
+"""Logits equal timm's own VisionTransformer forward for the same weights.
+
+timm needs torchvision, and the registry's torchvision is a CUDA build that does not import on
+CPU torch. timm's ViT itself never calls torchvision, so where the real torchvision is missing
+this test installs an empty stand-in module *for this test only* before importing timm.
+If timm itself is not installed (it is an optional extra), the test skips and says so.
+"""
+from __future__ import annotations
+
+import enum
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import REFERENCE_MODEL, make_model, requires_reference
+from vitbudget import from_timm, load_model, run
+from vitbudget.models import ViTConfig
+
+
+class _Placeholder(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "InterpolationMode":
+            return enum.Enum("InterpolationMode", {m: m.lower() for m in ("NEAREST", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS")})
+        return type(name, (), {})
+
+
+class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _Placeholder(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def _import_timm():
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (optional extra: pip install --no-deps timm pyyaml huggingface_hub)")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing or a CUDA build that cannot load here
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.meta_path.insert(0, _PlaceholderFinder())
+    import timm
+
+    return timm
+
+
+def _timm_vit(timm, cfg: ViTConfig):
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = cfg.to_dict()
+    kwargs.pop("norm_eps")
+    return VisionTransformer(**kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, init_values=0.1, qk_norm=True),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, global_pool="avg", reg_tokens=2),
+    ],
+    ids=["plain", "layerscale-qknorm", "avgpool-registers"],
+)
+def test_logits_equal_timm(cfg):
+    timm = _import_timm()
+    theirs = _timm_vit(timm, cfg)
+    with torch.no_grad():  # perturb every parameter so LayerScale, norms and biases all matter
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = make_model(cfg)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert torch.allclose(ours(x), expected, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(run(ours, x).logits, expected, atol=1e-5, rtol=1e-5)
+        converted = from_timm(theirs)
+        assert converted.cfg.replace(init_values=cfg.init_values) == cfg  # init value is read off trained gamma
+        assert torch.allclose(converted(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@requires_reference
+def test_reference_checkpoint_matches_timm():
+    timm = _import_timm()
+    ours = load_model(REFERENCE_MODEL)
+    theirs = _timm_vit(timm, ours.cfg)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)

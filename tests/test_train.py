@@ -1,0 +1,77 @@
+"""Training: the smoke recipe learns, checkpoints are atomic, a killed run resumes to the same weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitbudget import CheckpointError, ConfigError, load_model
+from vitbudget.train import Trainer, get_recipe
+from vitbudget.train.optim import lr_at, param_groups
+
+SMOKE = dict(train_limit=None, eval_limit=None, final_eval_limit=None, epochs=2, batch_size=8, save_every_steps=3)
+
+
+def smoke(**overrides):
+    return get_recipe("smoke", **{**SMOKE, **overrides})
+
+
+def test_smoke_training_learns_and_writes_a_model(tmp_path, image_folder):
+    result = Trainer(smoke(epochs=6), image_folder, tmp_path / "run", workers=0, progress=False).fit()
+    model = load_model(result.model_path)
+    assert model.info.classes[0] == "class00"
+    assert result.log[-1]["train_loss"] < result.log[0]["train_loss"]
+    assert result.metrics["top1"] > 30  # 10 colour-coded classes: chance is 10 %
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, image_folder):
+    recipe = smoke()
+    full = Trainer(recipe, image_folder, tmp_path / "full", workers=0, progress=False).fit()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(step):
+        if step == 7:  # after the checkpoint at step 6, before the one at step 9
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(recipe, image_folder, tmp_path / "resumed", workers=0, progress=False).fit(on_step=kill_at)
+    trainer = Trainer(recipe, image_folder, tmp_path / "resumed", workers=0, progress=False)
+    assert trainer.try_resume() and trainer.step == 6
+    resumed = Trainer(recipe, image_folder, tmp_path / "resumed", workers=0, progress=False).fit()
+    a, b = load_model(full.model_path).state_dict(), load_model(resumed.model_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["train_loss"] for e in full.log] == [e["train_loss"] for e in resumed.log]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, image_folder):
+    Trainer(smoke(), image_folder, tmp_path / "r", workers=0, progress=False).fit(stop_at_step=3)
+    with pytest.raises(CheckpointError, match="different recipe .*lr"):
+        Trainer(smoke(lr=1e-4), image_folder, tmp_path / "r", workers=0, progress=False).fit()
+
+
+def test_fine_tuning_groups_freeze_and_teacher(tmp_path, image_folder):
+    first = Trainer(smoke(epochs=1), image_folder, tmp_path / "a", workers=0, progress=False).fit()
+    student, teacher = load_model(first.model_path), load_model(first.model_path)
+    frozen_before = student.patch_embed.proj.weight.detach().clone()
+    recipe = smoke(epochs=1, freeze=["patch_embed"], lr_scales=[("head", 10.0)], distill_weight=0.5)
+    trainer = Trainer(recipe, image_folder, tmp_path / "b", init=student, teacher=teacher, workers=0, progress=False)
+    groups = trainer.optimizer.param_groups
+    assert {g["lr_scale"] for g in groups} == {1.0, 10.0}
+    trainer.fit()
+    assert torch.equal(student.patch_embed.proj.weight, frozen_before)
+    with pytest.raises(ConfigError, match="no teacher"):
+        Trainer(recipe, image_folder, tmp_path / "c", init=load_model(first.model_path), workers=0, progress=False)
+
+
+def test_schedule_and_weight_decay_groups():
+    recipe = get_recipe("vit_tiny_p4_cifar10")
+    spe, total = 390, 2340
+    assert lr_at(0, total, spe, recipe) == pytest.approx(recipe.warmup_lr)
+    assert lr_at(195, total, spe, recipe) == pytest.approx(recipe.lr)
+    assert lr_at(total, total, spe, recipe) == pytest.approx(recipe.min_lr)
+    from vitbudget.models import VisionTransformer, ViTConfig
+
+    groups = param_groups(VisionTransformer(ViTConfig.from_dict(recipe.arch)), recipe)
+    no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert all(p.ndim <= 1 or p.shape[:2] == (1, 1) or p.shape[1] == 65 for p in no_decay)  # biases, norms, tokens
