@@ -75,3 +75,32 @@ def test_schedule_and_weight_decay_groups():
     groups = param_groups(VisionTransformer(ViTConfig.from_dict(recipe.arch)), recipe)
     no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
     assert all(p.ndim <= 1 or p.shape[:2] == (1, 1) or p.shape[1] == 65 for p in no_decay)  # biases, norms, tokens
+
+
+def test_sigkilled_cli_run_resumes_to_identical_weights(tmp_path, image_folder):
+    """A real `kill -9` mid-run: the same command again finishes with the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(out):
+        return [sys.executable, "-m", "vitbudget", "train", "--recipe", "smoke", "--data", str(image_folder), "--out", str(out),
+                "--quiet", "--workers", "0", "--batch-size", "8", "--epochs", "3", "--save-every", "1"]
+
+    subprocess.run(argv(tmp_path / "full"), check=True, capture_output=True)
+    proc = subprocess.Popen(argv(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "train_state.pt"
+    deadline = time.time() + 60
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed_mid_run = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_mid_run, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    subprocess.run(argv(tmp_path / "killed"), check=True, capture_output=True)
+    a = load_model(tmp_path / "full" / "model.safetensors").state_dict()
+    b = load_model(tmp_path / "killed" / "model.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -45,7 +45,7 @@ def macs_per_image(cfg: ViTConfig, record: ExecutionRecord) -> Tensor:
     """(B,) FLOPs each image needed, from its real (unpadded) token counts per block."""
     total = torch.full((record.batch_size,), stem_macs(cfg), dtype=torch.float64)
     for n_attn, n_mlp in zip(record.attn_tokens, record.mlp_tokens):
-        total += attention_macs(n_attn.double(), cfg.embed_dim) + mlp_macs(n_mlp.double(), cfg.embed_dim, cfg.mlp_hidden)
+        total += attention_macs(n_attn.double().cpu(), cfg.embed_dim) + mlp_macs(n_mlp.double().cpu(), cfg.embed_dim, cfg.mlp_hidden)
     if record.extra_macs is not None:
         total += record.extra_macs
     return total

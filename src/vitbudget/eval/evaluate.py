@@ -88,7 +88,7 @@ def evaluate(
     for name, method in methods.items():
         pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=name)
         preds[name] = pred
-        results[name] = {**method.describe(), **pred.summary(dense_macs(method.model.cfg))}
+        results[name] = {**method.describe(), **pred.summary(dense_macs(method.base_cfg))}
     if speed:
         for name, entry in measure_speed(methods, dataset, indices, device, baseline=baseline).items():
             results[name].update(entry)

@@ -1,5 +1,7 @@
 """Token-budget methods. Each plugs into the block runner through `Method` hooks."""
 from .base import Baseline, Method
 from .registry import METHODS, build_method, get_spec, make_options, register
+from .abs import ABS, ABSOptions  # these modules register their methods on import
+from .tta import MultiCrop, Resolution, UniformDepth
 
-__all__ = ["Baseline", "METHODS", "Method", "build_method", "get_spec", "make_options", "register"]
+__all__ = ["ABS", "ABSOptions", "Baseline", "METHODS", "Method", "build_method", "get_spec", "make_options", "MultiCrop", "register", "Resolution", "UniformDepth"]

@@ -27,6 +27,11 @@ class Method(nn.Module, Hooks):
     def forward(self, images: Tensor) -> RunOutput:
         return run(self.model, images, self)
 
+    @property
+    def base_cfg(self):
+        """The config rel. FLOPs are measured against: the model as given (resolution scaling runs a resized copy)."""
+        return self.model.cfg
+
     def extra_losses(self, out: RunOutput) -> dict[str, Tensor]:
         """Weighted loss terms the method adds in training (ponder cost, keep-rate...)."""
         return {}

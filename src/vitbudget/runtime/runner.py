@@ -87,11 +87,11 @@ def run_block(block: nn.Module, index: int, state: TokenState, hooks: Hooks, rec
         block.attn, block.norm1(state.x), key_mask=state.key_mask, bias=bias, policy=state.policy,
         need_probs=need_probs, need_keys=need_keys,
     )
-    record.attn_tokens.append(state.num_tokens().cpu())
+    record.attn_tokens.append(state.num_tokens())  # stays on device: no sync per block
     record.attn_width.append(state.width)
     state = state.replace(x=state.x + block.drop_path1(block.ls1(attn_out)))
     state = hooks.after_attention(index, state, info, record)
-    record.mlp_tokens.append(state.num_tokens().cpu())
+    record.mlp_tokens.append(state.num_tokens())
     record.mlp_width.append(state.width)
     x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
     return hooks.after_block(index, state.replace(x=x), info, record)

@@ -1,0 +1,144 @@
+"""ABS, Attention Budget Scheduling: one extra block refines only the top-k patch tokens.
+
+After the model's last block, patch tokens are scored (entropy of a random shallow head on the
+penultimate block, last-block CLS-attention variance across heads, feature norm, or random),
+the prefix tokens plus the k = round(alpha * N) best patches go through one extra transformer
+block initialised as a copy of the last block, and the refined tokens are scattered back into
+their positions before the final norm and head. Post-hoc: nothing is trained.
+
+Prefix tokens (CLS and registers) are always refined alongside the selection, so the extra
+block costs block_macs(k + prefix). A model without a class token (global_pool='avg') refines
+its registers, if any, and the selected patches; the scatter-back changes the pooled patches.
+`attnvar` needs a CLS query and is rejected for such models.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..eval.cost import block_macs
+from ..runtime.attention import AttentionInfo, multihead_attention
+from ..runtime.runner import ExecutionRecord
+from ..runtime.state import TokenState
+from .base import Method
+from .registry import register
+
+SCORES = ("entropy", "attnvar", "gradsim", "random")
+
+
+def round_half_up(x: float) -> int:
+    """Python's round() rounds halves to even (round(2.5) == 2); budgets should not."""
+    return int(math.floor(x + 0.5))
+
+
+def apply_extra_block(block: nn.Module, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """A block outside the model's stack, through its own submodules as `runner.run_block` does.
+
+    It never touches an ExecutionRecord: token lists there mean the model's own blocks, so
+    callers add the extra block's cost with `record.add_macs(block_macs(n, cfg))`.
+    """
+    attn_out, _ = multihead_attention(block.attn, block.norm1(x), key_mask=key_mask)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+@dataclass(frozen=True)
+class ABSOptions:
+    alpha: float = field(default=0.2, metadata={"help": "abs: fraction of patch tokens refined by the extra block, in [0, 1]"})
+    score: str = field(default="entropy", metadata={"help": f"abs: token scorer, one of {', '.join(SCORES)}"})
+    seed: int = field(default=0, metadata={"help": "abs: seed of the random entropy head and of the random scorer"})
+    hidden: int = field(default=0, metadata={"help": "abs: hidden width of the entropy head (0 = embed dim)"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:  # also rejects NaN
+            raise ConfigError(f"--alpha must be in [0, 1] (a fraction of patch tokens), got {self.alpha}")
+        if self.score not in SCORES:
+            raise ConfigError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.hidden < 0:
+            raise ConfigError(f"--hidden must be >= 0 (0 = embed dim), got {self.hidden}")
+
+
+class ABS(Method):
+    """Scores tokens in hooks, refines the top-k in `finish`; k = 0 is exactly the baseline."""
+
+    name = "abs"
+
+    def __init__(self, model: nn.Module, options: ABSOptions):
+        super().__init__(model, options)
+        cfg = model.cfg
+        self.k = round_half_up(options.alpha * cfg.num_patches)
+        if options.score == "attnvar" and not cfg.class_token:
+            raise ConfigError("--score attnvar needs a class token (it reads CLS-to-token attention); this model has none")
+        if options.score == "entropy" and cfg.depth < 2:
+            raise ConfigError("--score entropy reads the penultimate block; the model needs depth >= 2")
+        self.block = copy.deepcopy(model.blocks[-1])  # a submodule: a tuned variant can train it
+        self.hidden = options.hidden or cfg.embed_dim
+        if options.score == "entropy":
+            self._init_entropy_head(cfg.embed_dim, self.hidden, cfg.num_classes, options.seed)
+
+    def _init_entropy_head(self, dim: int, hidden: int, classes: int, seed: int) -> None:
+        """nn.Linear's default init from a local generator; buffers, so never trained, but moved by .to()."""
+        g = torch.Generator().manual_seed(seed)
+        for name, (fan_in, fan_out) in {"1": (dim, hidden), "2": (hidden, classes)}.items():
+            bound = 1.0 / math.sqrt(fan_in)
+            self.register_buffer(f"head_w{name}", (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound)
+            self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound)
+
+    # -- scoring, stashed in state.extras so it travels with the tokens --
+    def needs_probs(self, index: int) -> bool:
+        return self.k > 0 and self.options.score == "attnvar" and index == self.model.cfg.depth - 1
+
+    def after_block(self, index: int, state: TokenState, info: AttentionInfo, record: ExecutionRecord) -> TokenState:
+        if self.k == 0:
+            return state
+        depth, p = self.model.cfg.depth, state.num_prefix
+        score = None
+        if self.options.score == "entropy" and index == depth - 2:
+            h = F.relu(F.linear(state.x[:, p:], self.head_w1, self.head_b1))
+            logp = F.linear(h, self.head_w2, self.head_b2).float().log_softmax(dim=-1)
+            score = -(logp.exp() * logp).sum(dim=-1)
+        elif self.options.score == "attnvar" and index == depth - 1:
+            score = info.probs[:, :, 0, p:].float().var(dim=1, unbiased=False)  # CLS query, over heads
+        return state if score is None else state.replace(extras={**state.extras, "abs_score": score})
+
+    def scores(self, state: TokenState) -> Tensor:
+        """(B, N) patch scores, higher = refined."""
+        kind, p = self.options.score, state.num_prefix
+        if kind in ("entropy", "attnvar"):
+            return state.extras["abs_score"]
+        if kind == "gradsim":
+            return state.x[:, p:].float().norm(dim=-1)
+        # random: one draw per call from `seed`, shared by every image, so a result does not
+        # depend on batch composition; another seed draws another set of patch positions
+        g = torch.Generator().manual_seed(self.options.seed)
+        return torch.rand(state.width - p, generator=g).to(state.x.device).expand(state.batch_size, -1)
+
+    def scorer_macs(self, n: int) -> float:
+        """Per-image overhead. attnvar: 0, the probabilities are the attention the block computes anyway."""
+        cfg, kind = self.model.cfg, self.options.score
+        if kind == "entropy":
+            return float(n * (cfg.embed_dim * self.hidden + self.hidden * cfg.num_classes))
+        return float(n * cfg.embed_dim) if kind == "gradsim" else 0.0
+
+    def finish(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> Tensor:
+        if self.k == 0:
+            return super().finish(model, state, record)
+        p, n = state.num_prefix, state.width - state.num_prefix
+        selected = self.scores(state).topk(self.k, dim=1).indices.sort(dim=1).values  # (B, k) patch indices
+        prefix = torch.arange(p, device=selected.device).expand(state.batch_size, -1)
+        index = torch.cat([prefix, selected + p], dim=1)[..., None].expand(-1, -1, state.x.shape[-1])
+        refined = apply_extra_block(self.block, state.x.gather(1, index))
+        x = state.x.scatter(1, index, refined)
+        record.add_macs(self.scorer_macs(n) + float(block_macs(self.k + p, model.cfg)))
+        record.aux["abs_selected"] = selected.cpu()
+        return model.forward_head(model.norm(x), state.key_mask)
+
+
+register("abs", lambda model, opts: ABS(model, opts), ABSOptions,
+         "ABS: one extra block (copy of the last) refines the top alpha of patch tokens post hoc")
