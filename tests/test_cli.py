@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -70,8 +71,6 @@ def test_eval_bad_input_one_clear_message(tmp_path, capsys, tiny_checkpoint, ima
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vitbudget: error:"), err
-    import re
-
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "out" / "results.json").exists()  # no partial output
 

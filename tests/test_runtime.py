@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, make_model
+from conftest import TINY
 from vitbudget import Hooks, TokenState, run
 from vitbudget.runtime.attention import multihead_attention
 

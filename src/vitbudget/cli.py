@@ -6,11 +6,9 @@ import dataclasses
 import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from . import __version__
 from .defaults import DEFAULT_DATA, DEFAULT_MODEL, default_path

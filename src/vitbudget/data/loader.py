@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, DataError, VitbudgetError
+from ..errors import ConfigError, VitbudgetError
 
 
 def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
