@@ -9,12 +9,13 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from . import __version__
 from .defaults import DEFAULT_DATA, DEFAULT_MODEL, default_path
 from .errors import ConfigError, VitbudgetError
 from .io import atomic_path, ensure_writable_dir, write_json, write_text
-from .methods import METHODS, build_method
+from .methods import METHODS, build_method, load_method
 
 EVAL_EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
@@ -42,12 +43,13 @@ def _method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
     group = parser.add_argument_group("method options (each applies to the methods that have it)")
     for spec in METHODS.values():
         for field in dataclasses.fields(spec.options):
-            if field.name in names:
+            flag = "--" + field.name.replace("_", "-")
+            if field.name in names or flag in parser._option_string_actions:  # e.g. train's own --seed
                 continue
             names.append(field.name)
             kind = type(field.default) if field.default is not dataclasses.MISSING and field.default is not None else str
             kind = {bool: _parse_bool}.get(kind, kind)
-            group.add_argument("--" + field.name.replace("_", "-"), dest=f"opt_{field.name}", type=kind, default=None,
+            group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
                                help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
     return names
 
@@ -63,7 +65,7 @@ def _parse_bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitbudget", description="Spend a Vision Transformer's compute where the tokens matter.")
     parser.add_argument("--version", action="version", version=f"vitbudget {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,train,viz}")
 
     ev = sub.add_parser("eval", help="accuracy, calibration, FLOPs and speed of methods on a dataset",
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
@@ -82,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _method_option_flags(ev)
+
+    vz = sub.add_parser("viz", help="draw which tokens a method chose, per image, as PNG",
+                        description="Run a method on a few images and draw its token map (selected / halted / dropped tokens).",
+                        epilog="example:\n  vitbudget viz --method abs --alpha 0.2 --num-images 8 --out runs/viz",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    vz.add_argument("--method", required=True, choices=sorted(METHODS), help="method whose choices to draw")
+    vz.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
+    vz.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
+    vz.add_argument("--split", default="test", help="split folder (default: test)")
+    vz.add_argument("--num-images", type=int, default=8, help="images to draw (default 8)")
+    vz.add_argument("--out", default="runs/viz", help="output directory (default runs/viz)")
+    _method_option_flags(vz)
 
     tr = sub.add_parser("train", help="train a ViT (or a method around one) with a recipe; resumable",
                         description="Train or fine-tune with a named recipe. Re-running the same command resumes.",
@@ -103,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     tr.add_argument("--freeze", action="append", default=None, help="freeze parameters whose name contains this (repeatable)")
     tr.add_argument("--lr-scale", action="append", default=None, metavar="PATTERN=SCALE", help="learning-rate multiplier for parameters whose name contains PATTERN (repeatable)")
+    tr.add_argument("--method", default=None, choices=sorted(METHODS), help="train this method around the ViT (default: the recipe's)")
     tr.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
     tr.add_argument("--device", default="cpu", help="torch device (default cpu)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _method_option_flags(tr)
     return parser
 
 
@@ -140,7 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
     if unused:
         raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
-    methods = {name: build_method(name, model, **_method_options(args, name)) for name in names}
+    if args.arch is None:  # our format: a method checkpoint restores its trained parameters
+        methods = {name: load_method(model_path, name, **_method_options(args, name)).to(args.device) for name in names}
+    else:
+        methods = {name: build_method(name, model, **_method_options(args, name)) for name in names}
 
     dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
     if model.info.classes and dataset.classes != model.info.classes:
@@ -167,6 +186,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from .data import EvalTransform, ImageFolder, subset_indices
+    from .models import load_model
+    from .report import denormalize, save_token_maps
+
+    out_dir = ensure_writable_dir(args.out)
+    model_path = _resolve(args.model, DEFAULT_MODEL, "model")
+    model = load_model(model_path)
+    method = load_method(model_path, args.method, **_method_options(args, args.method))
+    dataset = ImageFolder(_resolve(args.data, DEFAULT_DATA, "data"), args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
+    if args.num_images <= 0:
+        raise ConfigError(f"--num-images must be positive, got {args.num_images}")
+    indices = subset_indices(len(dataset), args.num_images)
+    images = torch.stack([dataset[i][0] for i in indices])
+    labels = [dataset.targets[i] for i in indices]
+    with torch.inference_mode():
+        out = method(images)
+    token_map = method.token_map(out)
+    if token_map is None:
+        raise ConfigError(f"method {args.method!r} draws no token map")
+    names = dataset.classes
+    preds = out.logits.argmax(1).tolist()
+    titles = [f"{names[t]} → {names[p]}" for t, p in zip(labels, preds)]
+    desc = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
+    path = out_dir / f"{args.method}_tokens.png"
+    save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, path,
+                    titles=titles, suptitle=f"{args.method} ({desc}) — true → predicted")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import load_model
     from .train import Trainer, get_recipe
@@ -180,8 +230,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = get_recipe(
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
         eval_limit=args.eval_limit, save_every_steps=args.save_every, freeze=args.freeze, lr_scales=lr_scales,
-        distill_weight=args.distill_weight,
+        distill_weight=args.distill_weight, method=args.method,
     )
+    method_options = _method_options(args, recipe.method)
+    if method_options:
+        recipe = recipe.replace(method_options={**recipe.method_options, **method_options})
     init = load_model(args.init) if args.init else None
     if init is not None:
         recipe = recipe.replace(arch=init.cfg.to_dict())
@@ -200,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"eval": cmd_eval, "train": cmd_train}[args.command](args)
+        return {"eval": cmd_eval, "train": cmd_train, "viz": cmd_viz}[args.command](args)
     except VitbudgetError as exc:
         print(f"vitbudget: error: {exc}", file=sys.stderr)
         return 1

@@ -32,9 +32,16 @@ class Method(nn.Module, Hooks):
         """The config rel. FLOPs are measured against: the model as given (resolution scaling runs a resized copy)."""
         return self.model.cfg
 
-    def extra_losses(self, out: RunOutput) -> dict[str, Tensor]:
-        """Weighted loss terms the method adds in training (ponder cost, keep-rate...)."""
+    def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:
+        """Weighted loss terms the method adds in training (ponder cost, keep rate, token distillation).
+
+        `teacher` is the frozen teacher's run (logits and final tokens) when the recipe has one.
+        """
         return {}
+
+    def token_map(self, out: RunOutput):
+        """Per-patch picture of what the method chose (a `report.token_maps.TokenMap`), or None."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """The settings that identify this run in reports."""

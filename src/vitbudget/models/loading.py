@@ -96,19 +96,22 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
     else:
         cfg = named_config(arch, **config_overrides)
         info = ModelInfo(name=arch, preprocess=Preprocess(crop_pct=0.875))  # timm's defaults for these models
-    state = read_state_dict(path)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("method.")}  # a method's own tensors
     model = VisionTransformer(cfg)
     load_state_dict_strict(model, state, repr(str(path)))
     model.info = info
     return model.eval()
 
 
-def save_model(model: VisionTransformer, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Write `path` (.safetensors) and its JSON sidecar atomically; metadata is merged into the sidecar."""
+def save_model(model: VisionTransformer, path: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None, **metadata: Any) -> Path:
+    """Write `path` (.safetensors) and its JSON sidecar atomically; metadata is merged into the sidecar.
+
+    extra_tensors (a method's own parameters, prefixed) are stored beside the ViT's.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"model files end in .safetensors, got {str(path)!r}")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **(extra_tensors or {})}.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
     meta = {

@@ -18,7 +18,9 @@ from ..eval.evaluate import predict
 from ..eval.metrics import summarize
 from ..io import atomic_path, ensure_writable_dir
 from ..methods import build_method
-from ..models import Preprocess, VisionTransformer, ViTConfig, save_model
+from ..methods.checkpoint import save_method
+from ..models import Preprocess, VisionTransformer, ViTConfig
+from ..runtime import run
 from .losses import classification_loss, distillation_loss
 from .optim import lr_at, make_optimizer, set_lr
 from .recipes import Recipe
@@ -115,11 +117,13 @@ class Trainer:
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.method(images)
         parts = {"ce": classification_loss(out.logits, targets, self.recipe.label_smoothing)}
-        if self.teacher is not None and self.recipe.distill_weight:
+        teacher = None
+        if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(images)
-            parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher_logits)
-        parts.update(self.method.extra_losses(out))
+                teacher = run(self.teacher, images)
+            if self.recipe.distill_weight:
+                parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher.logits)
+        parts.update(self.method.extra_losses(out, targets, teacher))
         total = sum(parts.values())
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }")
@@ -174,5 +178,5 @@ class Trainer:
                     break
         bar.close()
         metrics = self.evaluate(recipe.final_eval_limit)
-        path = save_model(self.model, self.out_dir / MODEL_FILE, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1))
+        path = save_method(self.method, self.out_dir / MODEL_FILE, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1))
         return TrainResult(path, metrics, self.log)

@@ -1,0 +1,75 @@
+"""Checkpoints of a method: the ViT under timm names plus the method's own parameters.
+
+One safetensors file holds the backbone's keys unprefixed (so `load_model` still reads it as a
+plain ViT) and the method's parameters under `method.`; the sidecar's "method" entry names the
+method and its options, so `load_method` rebuilds exactly what was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..models.loading import load_model, load_state_dict_strict, read_sidecar, save_model, sidecar_path
+from .base import Method
+from .registry import build_method
+
+METHOD_PREFIX = "method."
+
+
+def method_entry(method: Method) -> dict[str, Any]:
+    opts = dataclasses.asdict(method.options) if dataclasses.is_dataclass(method.options) else {}
+    return {"name": method.name, "options": opts}
+
+
+def own_state(method: Method) -> dict[str, Any]:
+    """The method's parameters and buffers that are not the wrapped ViT's."""
+    return {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
+
+
+def save_method(method: Method, path: str | os.PathLike, **metadata: Any) -> Path:
+    extra = {METHOD_PREFIX + k: v for k, v in own_state(method).items()}
+    return save_model(method.model, path, extra_tensors=extra, method=method_entry(method), **metadata)
+
+
+def load_method(path: str | os.PathLike, name: str | None = None, **overrides: Any) -> Method:
+    """Rebuild the method saved at `path`; `overrides` change inference options (e.g. a threshold).
+
+    Asking for a method the checkpoint was not trained as is an error, unless that method has
+    no parameters of its own (training-free methods apply to any ViT checkpoint).
+    """
+    meta = read_sidecar(sidecar_path(path))
+    saved = meta.get("method") or {"name": "baseline", "options": {}}
+    name = name or saved["name"]
+    options = {**saved["options"], **overrides} if name == saved["name"] else dict(overrides)
+    model = load_model(path)
+    method = build_method(name, model, **options)
+    expected = own_state(method)
+    if name != saved["name"] and expected:
+        raise CheckpointError(
+            f"{str(path)!r} holds a {saved['name']!r} checkpoint with no {name!r} parameters ({len(expected)} tensors needed); "
+            f"train it with `vitbudget train --method {name}` first"
+        )
+    if expected:
+        from ..models.loading import read_state_dict
+
+        stored = {k[len(METHOD_PREFIX):]: v for k, v in read_state_dict(path).items() if k.startswith(METHOD_PREFIX)}
+        holder = _OwnState(method)
+        load_state_dict_strict(holder, stored, repr(str(path)) + f" ({name} parameters)")
+    return method.eval()
+
+
+class _OwnState:
+    """Adapter so strict loading checks only the method's own tensors."""
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def state_dict(self):
+        return own_state(self.method)
+
+    def load_state_dict(self, state, strict=True):
+        full = {**{f"model.{k}": v for k, v in self.method.model.state_dict().items()}, **state}
+        return self.method.load_state_dict(full, strict=strict)
