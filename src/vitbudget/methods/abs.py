@@ -10,6 +10,10 @@ Prefix tokens (CLS and registers) are always refined alongside the selection, so
 block costs block_macs(k + prefix). A model without a class token (global_pool='avg') refines
 its registers, if any, and the selected patches; the scatter-back changes the pooled patches.
 `attnvar` needs a CLS query and is rejected for such models.
+
+The method's own tensors are post hoc: the extra block starts as a copy of the backbone's last
+block (`post_hoc = True`: any ViT checkpoint serves; a tuned variant would save its block), and
+the entropy head is regenerated from `seed`, so it is a non-persistent buffer.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..eval.cost import block_macs
+from ..report.token_maps import TokenMap
 from ..runtime.attention import AttentionInfo, multihead_attention
-from ..runtime.runner import ExecutionRecord
+from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
 from .base import Method
 from .registry import register
@@ -34,7 +39,7 @@ SCORES = ("entropy", "attnvar", "gradsim", "random")
 
 def round_half_up(x: float) -> int:
     """Python's round() rounds halves to even (round(2.5) == 2); budgets should not."""
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def apply_extra_block(block: nn.Module, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -68,6 +73,7 @@ class ABS(Method):
     """Scores tokens in hooks, refines the top-k in `finish`; k = 0 is exactly the baseline."""
 
     name = "abs"
+    post_hoc = True  # own tensors are initialised from the backbone, not trained
 
     def __init__(self, model: nn.Module, options: ABSOptions):
         super().__init__(model, options)
@@ -83,12 +89,13 @@ class ABS(Method):
             self._init_entropy_head(cfg.embed_dim, self.hidden, cfg.num_classes, options.seed)
 
     def _init_entropy_head(self, dim: int, hidden: int, classes: int, seed: int) -> None:
-        """nn.Linear's default init from a local generator; buffers, so never trained, but moved by .to()."""
+        """nn.Linear's default init from a local generator: buffers (never trained, moved by .to()),
+        non-persistent because `seed` regenerates them."""
         g = torch.Generator().manual_seed(seed)
         for name, (fan_in, fan_out) in {"1": (dim, hidden), "2": (hidden, classes)}.items():
             bound = 1.0 / math.sqrt(fan_in)
-            self.register_buffer(f"head_w{name}", (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound)
-            self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound)
+            self.register_buffer(f"head_w{name}", (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound, persistent=False)
+            self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound, persistent=False)
 
     # -- scoring, stashed in state.extras so it travels with the tokens --
     def needs_probs(self, index: int) -> bool:
@@ -130,14 +137,24 @@ class ABS(Method):
         if self.k == 0:
             return super().finish(model, state, record)
         p, n = state.num_prefix, state.width - state.num_prefix
-        selected = self.scores(state).topk(self.k, dim=1).indices.sort(dim=1).values  # (B, k) patch indices
+        scores = self.scores(state)
+        selected = scores.topk(self.k, dim=1).indices.sort(dim=1).values  # (B, k) patch indices
         prefix = torch.arange(p, device=selected.device).expand(state.batch_size, -1)
         index = torch.cat([prefix, selected + p], dim=1)[..., None].expand(-1, -1, state.x.shape[-1])
         refined = apply_extra_block(self.block, state.x.gather(1, index))
         x = state.x.scatter(1, index, refined)
         record.add_macs(self.scorer_macs(n) + float(block_macs(self.k + p, model.cfg)))
         record.aux["abs_selected"] = selected.cpu()
+        record.aux["abs_scores"] = scores.detach().float().cpu()
         return model.forward_head(model.norm(x), state.key_mask)
+
+    def token_map(self, out: RunOutput) -> TokenMap | None:
+        """Scores as the colour layer, refined patches outlined; None when nothing was refined (k = 0)."""
+        if "abs_selected" not in out.record.aux:
+            return None
+        scores = out.record.aux["abs_scores"]
+        outline = torch.zeros(scores.shape, dtype=torch.bool).scatter(1, out.record.aux["abs_selected"], True)
+        return TokenMap(values=scores, outline=outline, label=f"{self.options.score} score (outlined: refined)")
 
 
 register("abs", lambda model, opts: ABS(model, opts), ABSOptions,

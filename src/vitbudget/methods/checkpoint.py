@@ -38,7 +38,8 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     """Rebuild the method saved at `path`; `overrides` change inference options (e.g. a threshold).
 
     Asking for a method the checkpoint was not trained as is an error, unless that method has
-    no parameters of its own (training-free methods apply to any ViT checkpoint).
+    no parameters of its own or builds them from the backbone (`post_hoc = True`, e.g. ABS's
+    extra block copied from the last block): training-free methods apply to any ViT checkpoint.
     """
     meta = read_sidecar(sidecar_path(path))
     saved = meta.get("method") or {"name": "baseline", "options": {}}
@@ -47,6 +48,8 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     model = load_model(path)
     method = build_method(name, model, **options)
     expected = own_state(method)
+    if name != saved["name"] and getattr(method, "post_hoc", False):
+        return method.eval()
     if name != saved["name"] and expected:
         raise CheckpointError(
             f"{str(path)!r} holds a {saved['name']!r} checkpoint with no {name!r} parameters ({len(expected)} tensors needed); "

@@ -121,6 +121,7 @@ class UniformDepth(Method):
     """One extra block (a copy of the last) on all tokens after the last block, then norm and head."""
 
     name = "depth"
+    post_hoc = True  # the extra block is a copy of the backbone's last block
 
     def __init__(self, model: nn.Module, options: NoOptions):
         super().__init__(model, options)

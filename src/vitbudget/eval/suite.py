@@ -1,0 +1,142 @@
+"""Benchmark suites: several methods × seeds on the same images, with significance and speed.
+
+A seed changes only what is random in a method at inference (ABS: the entropy head's
+initialisation and the random scorer's draw). Evaluation has no batch interactions (batched
+equals one-by-one), so data order cannot change a result and is not a seed's business.
+Deterministic methods run once; their value repeats across seeds in paired tests.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..methods import load_method
+from . import metrics
+from .cost import dense_macs
+from .evaluate import measure_speed, predict
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    seeded: bool = False  # the method has a `seed` option that changes its result
+
+
+BASELINE = SuiteEntry("Baseline", "baseline")
+
+SUITES: dict[str, list[SuiteEntry]] = {
+    # ABS paper, Tables 1, 3 and 4: global test-time baselines against ABS.
+    "abs": [
+        BASELINE,
+        SuiteEntry("Multi-Crop", "multicrop"),
+        SuiteEntry("Res Scale (1.3x)", "resolution", {"scale": 1.3}),
+        SuiteEntry("Res Scale (1.5x)", "resolution", {"scale": 1.5}),
+        SuiteEntry("Uniform Depth", "depth"),
+        SuiteEntry("ABS (α = 0.2)", "abs", {"alpha": 0.2, "score": "entropy"}, seeded=True),
+        SuiteEntry("ABS (α = 0.3)", "abs", {"alpha": 0.3, "score": "entropy"}, seeded=True),
+    ],
+    # ABS paper, Table 5: scorer × α.
+    "abs-ablation": [
+        BASELINE,
+        SuiteEntry("ABS (Entropy) α 0.1", "abs", {"alpha": 0.1, "score": "entropy"}, seeded=True),
+        SuiteEntry("ABS (Entropy) α 0.2", "abs", {"alpha": 0.2, "score": "entropy"}, seeded=True),
+        SuiteEntry("ABS (Entropy) α 0.3", "abs", {"alpha": 0.3, "score": "entropy"}, seeded=True),
+        SuiteEntry("ABS (AttnVar) α 0.2", "abs", {"alpha": 0.2, "score": "attnvar"}),
+        SuiteEntry("ABS (GradSim) α 0.2", "abs", {"alpha": 0.2, "score": "gradsim"}),
+        SuiteEntry("ABS (Random) α 0.2", "abs", {"alpha": 0.2, "score": "random"}, seeded=True),
+    ],
+    # ABS paper, section 5.4 (robustness) and Table 2 (counting): the short list.
+    "abs-short": [
+        BASELINE,
+        SuiteEntry("Res Scale (1.3x)", "resolution", {"scale": 1.3}),
+        SuiteEntry("ABS (Entropy) α 0.2", "abs", {"alpha": 0.2, "score": "entropy"}, seeded=True),
+        SuiteEntry("ABS (AttnVar) α 0.2", "abs", {"alpha": 0.2, "score": "attnvar"}),
+    ],
+}
+
+
+def run_suite(
+    entries: Sequence[SuiteEntry], model_path: str | os.PathLike, dataset, indices: Sequence[int], *, seeds: Sequence[int] = (0,),
+    batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
+) -> dict[str, Any]:
+    """Every entry on the same images; the first entry is the reference for ratios and tests."""
+    rows: dict[str, dict[str, Any]] = {}
+    correct: dict[str, list[np.ndarray]] = {}
+    speed_methods = {}
+    for entry in entries:
+        per_seed = []
+        for seed in seeds if entry.seeded else seeds[:1]:
+            options = {**entry.options, **({"seed": seed} if entry.seeded else {})}
+            method = load_method(model_path, entry.method, **options).to(device)
+            pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=f"{entry.label} s{seed}")
+            summary = pred.summary(dense_macs(method.base_cfg))
+            per_seed.append({"seed": seed if entry.seeded else None, **summary})
+            correct.setdefault(entry.label, []).append((pred.logits.argmax(1) == pred.labels).numpy())
+            if entry.label not in speed_methods:
+                speed_methods[entry.label] = method
+        rows[entry.label] = aggregate(entry, per_seed)
+    reference = entries[0].label
+    for label, row in rows.items():
+        if label == reference:
+            continue
+        ref_top1 = [r["top1"] for r in rows[reference]["per_seed"]]
+        top1 = [r["top1"] for r in row["per_seed"]]
+        base = np.resize(ref_top1, len(top1))
+        row["p_ttest_seeds"] = metrics.paired_ttest(np.array(top1), base) if len(top1) > 1 else None
+        row["mcnemar_seed0"] = metrics.mcnemar(correct[label][0], correct[reference][0])
+        row["top1_gain"] = row["top1_mean"] - rows[reference]["top1_mean"]
+    if speed:
+        for label, entry in measure_speed(speed_methods, dataset, indices, device, baseline=reference).items():
+            rows[label].update(entry)
+        ref_ms = rows[reference]["latency_b1_ms"]
+        for label, row in rows.items():
+            if label != reference:
+                row["latency_overhead_pct"] = 100 * (row["latency_ratio"] - 1)
+                extra_ms = row["latency_b1_ms"] - ref_ms
+                row["gain_per_ms"] = row["top1_gain"] / extra_ms if extra_ms > 0 else None
+    return {"seeds": list(seeds), "images": len(indices), "rows": rows}
+
+
+def aggregate(entry: SuiteEntry, per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"method": entry.method, "options": entry.options, "seeded": entry.seeded, "per_seed": per_seed}
+    for key in ("top1", "ece", "nll"):
+        out[f"{key}_mean"], out[f"{key}_std"] = metrics.mean_std([r[key] for r in per_seed])
+    out["rel_flops"] = per_seed[0]["rel_flops"]
+    out["gflops"] = per_seed[0]["gflops"]
+    return out
+
+
+def _p(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:.3g}" if value >= 0.001 else f"{value:.1e}"
+
+
+def _mean_std(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(row["per_seed"]) > 1 else f"{mean:.{digits}f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def suite_table(result: dict[str, Any]) -> str:
+    """Markdown: the paper's Table 1/4 columns plus our significance and speed columns."""
+    lines = [
+        "| method | seeds | rel. FLOPs | top-1 % | ECE % | NLL | p (t-test over seeds) | p (McNemar, seed 0) | b1 latency ms | latency overhead % | top-1 gain per extra ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in result["rows"].items():
+        mcnemar = r.get("mcnemar_seed0")
+        lines.append(
+            f"| {label} | {len(r['per_seed'])} | {r['rel_flops']:.3f}× | {_mean_std(r, 'top1')} | {_mean_std(r, 'ece')} | "
+            f"{_mean_std(r, 'nll', 3)} | {_p(r.get('p_ttest_seeds'))} | {_p(mcnemar['p_value']) if mcnemar else '–'} | "
+            f"{_opt(r.get('latency_b1_ms'), '.2f')} | {_opt(r.get('latency_overhead_pct'), '+.1f')} | {_opt(r.get('gain_per_ms'), '+.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
