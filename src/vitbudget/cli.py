@@ -65,7 +65,7 @@ def _parse_bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitbudget", description="Spend a Vision Transformer's compute where the tokens matter.")
     parser.add_argument("--version", action="version", version=f"vitbudget {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,train,viz}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,train,bench,viz,corrupt,make-counting}")
 
     ev = sub.add_parser("eval", help="accuracy, calibration, FLOPs and speed of methods on a dataset",
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
@@ -84,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _method_option_flags(ev)
+
+    be = sub.add_parser("bench", help="a suite of methods x seeds: mean ± std, paired tests, speed (paper tables)",
+                        description="Run a named suite (several methods, seeds where a method is random) on the same images.",
+                        epilog="examples:\n  vitbudget bench --suite abs --out runs/abs_table1            # ABS Tables 1/3/4\n"
+                               "  vitbudget bench --suite abs-ablation --out runs/abs_table5\n"
+                               "  vitbudget bench --suite abs-short --data DIR --split gaussian_noise,fog --no-speed --out runs/abs_c",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .eval.suite import SUITES
+
+    be.add_argument("--suite", required=True, choices=sorted(SUITES), help="named suite of methods")
+    be.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
+    be.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
+    be.add_argument("--split", default="test", help="split folder, or several separated by commas (one table each plus a summary)")
+    be.add_argument("--limit", type=int, default=None, help="fixed pseudo-random subset of this many images per split")
+    be.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for methods with random parts (default 5)")
+    be.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
+    be.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
+    be.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    be.add_argument("--no-speed", action="store_true", help="skip latency and throughput")
+    be.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    be.add_argument("--quiet", action="store_true", help="no progress bars")
 
     vz = sub.add_parser("viz", help="draw which tokens a method chose, per image, as PNG",
                         description="Run a method on a few images and draw its token map (selected / halted / dropped tokens).",
@@ -122,7 +143,53 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu", help="torch device (default cpu)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     _method_option_flags(tr)
+    _add_data_commands(sub)
     return parser
+
+
+CORRUPT_EPILOG = """examples:
+  vitbudget corrupt --out ~/.cache/vitbudget/cifar10c-s3-2000 --limit 2000     # 15 corruptions of the shared test set
+  vitbudget corrupt --data imgs/ --split val --out corrupted --corruptions fog,snow --severity 5
+  vitbudget eval --data ~/.cache/vitbudget/cifar10c-s3-2000 --split fog --out runs/fog   # evaluate one corruption
+
+Writes OUT/<corruption>/<class>/<image>.png (lossless), one ImageFolder per corruption, so the
+corruption's name is the --split to evaluate it. Needs the optional package imagecorruptions-imaug
+(pip install 'vitbudget[robustness]'). It implements the ImageNet-C constants: at 32 px these are
+harsher than the published CIFAR-10-C at the same severity (see vitbudget/data/corruptions.py).
+--limit keeps the same images as `vitbudget eval --limit`. A finished corruption is not redone."""
+
+COUNTING_EPILOG = """examples:
+  vitbudget make-counting --out ~/.cache/vitbudget/counting-32
+  vitbudget train --recipe count_vit_p4 --data ~/.cache/vitbudget/counting-32 --out runs/count_vit
+
+Writes OUT/{train,test}/<count>/<index>.png with classes 03..10 (3 to 10 objects, balanced).
+Deterministic in --seed; an existing complete output with the same arguments is reused."""
+
+
+def _add_data_commands(sub) -> None:
+    from .data.corruptions import CORRUPTIONS
+
+    co = sub.add_parser("corrupt", help="write common-corruption copies (CIFAR-10-C style) of an ImageFolder split",
+                        description="Apply common corruptions (imagecorruptions-imaug) to every image of a split, reproducibly.",
+                        epilog=CORRUPT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
+    co.add_argument("--split", default="test", help="split folder inside --data; '.' for --data itself (default: test)")
+    co.add_argument("--out", required=True, help="output directory: OUT/<corruption>/<class>/<image>.png")
+    co.add_argument("--corruptions", default=None, help=f"comma-separated names (default: all 15: {','.join(CORRUPTIONS)})")
+    co.add_argument("--severity", type=int, default=3, help="1 to 5 (default 3)")
+    co.add_argument("--limit", type=int, default=None, help="corrupt a fixed pseudo-random subset of this many images (as eval --limit)")
+    co.add_argument("--seed", type=int, default=0, help="seed of the corruptions' randomness (default 0)")
+    co.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    mc = sub.add_parser("make-counting", help="generate a CLEVR-Count-like data set of 3-10 shapes",
+                        description="Generate procedural counting scenes as an ImageFolder with train/ and test/ splits.",
+                        epilog=COUNTING_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mc.add_argument("--out", required=True, help="output directory")
+    mc.add_argument("--train", type=int, default=20000, help="training images (default 20000)")
+    mc.add_argument("--test", type=int, default=2000, help="test images (default 2000)")
+    mc.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    mc.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    mc.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _resolve(value: str | None, relative: str, what: str) -> str:
@@ -184,6 +251,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'predictions.npz'}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .data import EvalTransform, ImageFolder, subset_indices
+    from .eval.machine import describe_machine, machine_info
+    from .eval.suite import SUITES, run_suite, suite_table
+    from .models import load_model
+
+    out_dir = ensure_writable_dir(args.out)
+    if args.seeds <= 0:
+        raise ConfigError(f"--seeds must be positive, got {args.seeds}")
+    model_path = _resolve(args.model, DEFAULT_MODEL, "model")
+    data_path = _resolve(args.data, DEFAULT_DATA, "data")
+    model = load_model(model_path)
+    transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
+    splits = [s for s in args.split.split(",") if s]
+    datasets = {split: ImageFolder(data_path, split, transform) for split in splits}  # fail fast on a bad split
+    machine = machine_info(args.device)
+    command = "vitbudget " + shlex.join(sys.argv[1:])
+    results = {}
+    for split, dataset in datasets.items():
+        indices = subset_indices(len(dataset), args.limit)
+        result = run_suite(SUITES[args.suite], model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
+                           workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet)
+        results[split] = result
+        table = suite_table(result)
+        header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"
+        write_text(out_dir / f"{split}.md", header + table)
+        print(f"\n## {split}\n{table}")
+    report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine, "splits": results}
+    if len(results) > 1:
+        summary = robustness_table(results)
+        write_text(out_dir / "summary.md", f"`{command}` — top-1 % per split (mean over seeds)\n\n{summary}")
+        print(summary)
+    write_json(out_dir / "bench.json", report)
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def robustness_table(results: dict[str, dict]) -> str:
+    """Rows: methods; columns: splits (e.g. corruption types) and their mean; cells: top-1 mean."""
+    splits = list(results)
+    labels = list(next(iter(results.values()))["rows"])
+    lines = ["| method | " + " | ".join(splits) + " | mean |", "|---|" + "---|" * (len(splits) + 1)]
+    for label in labels:
+        values = [results[s]["rows"][label]["top1_mean"] for s in splits]
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -250,10 +365,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .data import resolve_split_dir
+    from .data.corruptions import check_corruption, corrupt_folder, parse_corruptions
+    from .data.corruptions import package_version as corruptions_version
+
+    names = parse_corruptions(args.corruptions)
+    check_corruption(names[0], args.severity)
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
+    src = resolve_split_dir(_resolve(args.data, DEFAULT_DATA, "data"), args.split)
+    out_dir = ensure_writable_dir(args.out)
+    start = time.perf_counter()
+    for name in tqdm(names, desc="corruptions", unit="corruption", disable=args.quiet):
+        corrupt_folder(src, out_dir / name, name, args.severity, args.seed, args.limit, progress=not args.quiet)
+    print(f"wrote {len(names)} corruption(s) at severity {args.severity} of {src} to {out_dir}/<corruption>/ "
+          f"in {time.perf_counter() - start:.0f} s (imagecorruptions-imaug {corruptions_version()})")
+    print(f"evaluate one with: vitbudget eval --data {out_dir} --split {names[0]}")
+    return 0
+
+
+def cmd_make_counting(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.counting import make_counting
+
+    start = time.perf_counter()
+    out = make_counting(args.out, train=args.train, test=args.test, size=args.size, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {out}/{{train,test}}/<count>/ ({args.train} + {args.test} images, {args.size} px) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"eval": cmd_eval, "train": cmd_train, "viz": cmd_viz}[args.command](args)
+        return {"eval": cmd_eval, "train": cmd_train, "viz": cmd_viz, "bench": cmd_bench, "corrupt": cmd_corrupt, "make-counting": cmd_make_counting}[args.command](args)
     except VitbudgetError as exc:
         print(f"vitbudget: error: {exc}", file=sys.stderr)
         return 1

@@ -25,13 +25,14 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
-def _has_class_dirs(root: Path) -> bool:
-    return any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
-
 
 def find_split(root: Path, split: str | None) -> Path:
-    """`root/split`, or `root/<one dir>/split` (archives usually wrap the tree in a folder)."""
-    if split is None:
+    """`root/split`, or `root/<one dir>/split` (archives usually wrap the tree in a folder).
+
+    None, '' or '.' mean `root` itself is the split (root/<class>/<image>), e.g.
+    `vitbudget eval --data corrupted/gaussian_noise --split .`.
+    """
+    if split is None or split in ("", "."):
         return root
     for candidate in [root / split, *sorted(p / split for p in root.iterdir() if p.is_dir())]:
         if candidate.is_dir():
