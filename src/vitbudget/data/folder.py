@@ -25,7 +25,6 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
 
 
-
 def find_split(root: Path, split: str | None) -> Path:
     """`root/split`, or `root/<one dir>/split` (archives usually wrap the tree in a folder).
 
