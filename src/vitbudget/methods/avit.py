@@ -1,0 +1,310 @@
+"""A-ViT (Yin et al., CVPR 2022): adaptive token halting, with halted tokens really removed.
+
+Halting (as the paper): after every block, token t gets the score h = sigmoid(gamma * x[..., 0] - beta)
+from channel 0 of the block OUTPUT (the residual stream; the channel keeps serving as a feature).
+Per token, ACT: cumulative c += h, the last block forces h = 1, the token halts at the first block
+where c >= 1 - eps. The remainder R starts at 1; a running token contributes out * h (R -= h), the
+halting block contributes out * R; ponder rho = (blocks used) + R. The CLS token halts too, and the
+output is head(norm(sum over blocks of CLS contributions)). Training adds
+ponder_weight * mean(rho) + distr_weight * KL(prior || q) (see `AViT.extra_losses`).
+
+Two executions of the same function:
+
+* dense (training, or `dense=True`): every token stays in the tensor. Halted tokens are frozen
+  (their features are no longer updated) and excluded as attention KEYS through the runtime's
+  key mask, so running tokens see exactly what they would see if halted tokens were gone. We use
+  the key mask rather than `TokenState.policy`: the policy softmax adds POLICY_EPS / N to every
+  weight, i.e. halted tokens would still leak ~1e-6 of their values, while halting is a hard,
+  non-differentiable decision anyway (as in the official code), so the policy's gradient path
+  buys nothing here. Gradients flow through h (the CLS weights, R, rho and q) as in the paper.
+  This is what the official code runs, training and inference: no compute is saved.
+* removing (inference, the default in eval mode): after each block, halted tokens are removed
+  with `TokenState.compact` (per image, padded to the batch maximum with a key mask). Only the
+  CLS output is read, so a halted patch token's only influence on the output is through the keys
+  and values it offered while it was running; it needs no further bookkeeping once gone.
+  When an image's CLS token halts, its output is final: nothing computed later can reach it, so
+  the image's remaining tokens are all dropped and the image leaves the batch (rows are
+  selected out; the record keeps per-image counts for the full batch). At batch 1 that is an
+  early exit. The loop skips all bookkeeping in blocks where nothing halted (one host check per
+  block) and ends once every image is done.
+
+Both give the same logits (up to float reassociation in attention) and the same ExecutionRecord
+token counts: a token is counted in a block if it is running there and its image's CLS is still
+running — what the removing path executes and what FLOPs A-ViT reports. The dense path's widths
+show that it ran all N tokens. `record.aux["avit_depth"]` holds, per original token (prefix
+first), the number of blocks it executed; `token_map` draws it per patch.
+
+Differences from the official code, on purpose: halted tokens contribute exactly nothing (the
+official zeroes them, and LayerNorm then emits its bias: issue #13); the halting distribution q
+averages over tokens (the official `h[1:]` slices the batch); no device is hard-wired; the prior
+is a Gaussian over 1-based block numbers (halting at block l = l blocks executed) normalised to
+sum 1 (the official centres on the 0-based index, i.e. one block deeper, and rescales it so its
+first target_depth entries sum to 0.98); the KL is the plain sum over blocks.
+
+A-ViT has no learned parameters of its own, yet it needs a backbone fine-tuned for halting
+(channel 0 must learn to carry the halting signal). It keeps one buffer, `halt_counts` (how many
+tokens halted at each block during training), saved with its checkpoints under `method.`; so
+`load_method(path, "avit")` of a checkpoint trained as anything else raises the standard
+CheckpointError ("holds a 'baseline' checkpoint with no 'avit' parameters"), while loading an
+A-ViT checkpoint as "baseline" gives its fine-tuned backbone without halting.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..report.token_maps import TokenMap
+from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
+from ..runtime.state import TokenState
+from .base import Method
+from .registry import register
+
+
+@dataclass(frozen=True)
+class AViTOptions:
+    gamma: float = field(default=10.0, metadata={"help": "avit: halting score scale, h = sigmoid(gamma * x[..., 0] - beta); > 0"})
+    beta: float = field(default=30.0, metadata={"help": "avit: halting score offset beta"})
+    eps: float = field(default=0.01, metadata={"help": "avit: a token halts when its cumulative score reaches 1 - eps; in (0, 1)"})
+    target_depth: float = field(default=0.0, metadata={"help": "avit: mean of the Gaussian prior on halting depth, in [1, depth] blocks (0 = two thirds of the depth, 8 of 12)"})
+    ponder_weight: float = field(default=5e-4, metadata={"help": "avit: weight of the ponder loss, mean over tokens of blocks used + remainder"})
+    distr_weight: float = field(default=1e-3, metadata={"help": "avit: weight of KL(prior || per-block halting distribution)"})
+    prior_std: float = field(default=1.0, metadata={"help": "avit: standard deviation (blocks) of the Gaussian depth prior; > 0"})
+    halting: bool = field(default=True, metadata={"help": "avit: false runs the plain backbone (exactly the baseline's logits)"})
+    dense: bool = field(default=False, metadata={"help": "avit: run inference dense + masked like the official code (same outputs, no speed-up)"})
+
+    def __post_init__(self) -> None:
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"--gamma must be a finite number > 0, got {self.gamma}")
+        if not math.isfinite(self.beta):
+            raise ConfigError(f"--beta must be finite, got {self.beta}")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"--eps must be in (0, 1) (tokens halt at cumulative score 1 - eps), got {self.eps}")
+        if not (self.target_depth == 0 or self.target_depth >= 1):  # the upper bound needs the model
+            raise ConfigError(f"--target-depth must be in [1, depth] blocks (or 0 for two thirds of the depth), got {self.target_depth}")
+        if not (self.ponder_weight >= 0 and self.distr_weight >= 0):
+            raise ConfigError(f"--ponder-weight and --distr-weight must be >= 0, got {self.ponder_weight}, {self.distr_weight}")
+        if not (self.prior_std > 0 and math.isfinite(self.prior_std)):
+            raise ConfigError(f"--prior-std must be a finite number > 0, got {self.prior_std}")
+
+
+def log_prior(depth: int, target: float, std: float) -> Tensor:
+    """log of the Gaussian over block numbers 1..depth with mean `target`, normalised to sum 1."""
+    blocks = torch.arange(1, depth + 1, dtype=torch.float64)
+    return (-0.5 * ((blocks - target) / std) ** 2).log_softmax(0).float()
+
+
+def _select_images(state: TokenState, rows: Tensor) -> TokenState:
+    """The images `rows` (indices into the batch) of `state`, with all their per-token bookkeeping."""
+    changes = {name: getattr(state, name).index_select(0, rows)
+               for name in ("x", "patch_ids", "key_mask", "policy", "size") if getattr(state, name) is not None}
+    extras = {name: t.index_select(0, rows) for name, t in state.extras.items()}
+    return state.replace(**changes, extras=extras)
+
+
+def _average_widths(width: int, active: int, batch: int, dim: int) -> tuple[float, float]:
+    """Per-image (attention, MLP) widths of a block run by `active` of `batch` images at `width`.
+
+    `executed_macs_per_image` reads one width per block for the whole batch; finished images
+    ran nothing. The MLP is linear in the width; for attention (4·n·D² + 2·n²·D) we return the n
+    whose cost is active/batch of the cost at `width`, so executed FLOPs stay exact.
+    """
+    frac = active / batch
+    return -dim + math.sqrt(dim * dim + frac * (width * width + 2 * width * dim)), frac * width
+
+
+class AViT(Method):
+    """Adaptive token halting; `forward` removes halted tokens in eval mode, masks them in training."""
+
+    name = "avit"
+
+    def __init__(self, model: nn.Module, options: AViTOptions):
+        super().__init__(model, options)
+        cfg = model.cfg
+        if not cfg.class_token or cfg.global_pool != "token":
+            raise ConfigError("avit reads the halting-weighted CLS token; the model needs a class token and global_pool='token'")
+        self.depth = cfg.depth
+        self.target_depth = float(options.target_depth) if options.target_depth else 2.0 * cfg.depth / 3.0
+        if not 1.0 <= self.target_depth <= cfg.depth:
+            raise ConfigError(f"--target-depth must be in [1, {cfg.depth}] (the model has {cfg.depth} blocks), got {options.target_depth}")
+        self.register_buffer("log_prior", log_prior(cfg.depth, self.target_depth, options.prior_std), persistent=False)
+        # Saved with the checkpoint (see the module docstring): tokens halting at each block in training.
+        self.register_buffer("halt_counts", torch.zeros(cfg.depth))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target_depth": self.target_depth}
+
+    def halting_score(self, x: Tensor) -> Tensor:
+        """(B, N) halting score from channel 0 of block outputs x (B, N, D)."""
+        return torch.sigmoid(x[..., 0] * self.options.gamma - self.options.beta)
+
+    def forward(self, images: Tensor) -> RunOutput:
+        if not self.options.halting:
+            return run(self.model, images)
+        if self.training or self.options.dense:
+            return self.forward_dense(images)
+        return self.forward_removing(images)
+
+    def finish(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> Tensor:
+        """state.x is (B, 1, D): the halting-weighted sum of CLS outputs; final norm, then head."""
+        return model.forward_head(model.norm(state.x))
+
+    def _finish(self, acc: Tensor, record: ExecutionRecord) -> RunOutput:
+        B = acc.shape[0]
+        state = TokenState(x=acc[:, None], patch_ids=torch.full((B, 1), -1, device=acc.device, dtype=torch.long), num_prefix=1)
+        return RunOutput(logits=self.finish(self.model, state, record), state=state, record=record)
+
+    # -- dense + masked: training, and the official code's inference --
+    def forward_dense(self, images: Tensor) -> RunOutput:
+        model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
+        state = TokenState.initial(model.embed(images), model.num_prefix_tokens)
+        B, N, D = state.x.shape
+        record = ExecutionRecord(batch_size=B)
+        x = state.x
+        c, rho = x.new_zeros(B, N), x.new_zeros(B, N)
+        R = x.new_ones(B, N)
+        running = torch.ones(B, N, dtype=torch.bool, device=x.device)
+        acc = x.new_zeros(B, D)
+        executed = torch.zeros(B, N, dtype=torch.long, device=x.device)
+        halt_depth = torch.full((B, N), depth, dtype=torch.long, device=x.device)
+        q, halted_per_block = [], []
+        for i, block in enumerate(model.blocks):
+            needed = running & running[:, :1]  # what the removing path runs: own ACT running and CLS running
+            if bool(running.all()):
+                key_mask = None
+            else:  # halted tokens are no keys; an image with nothing running keeps all (its rows are discarded)
+                key_mask = running | ~running.any(dim=1, keepdim=True)
+            out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record).x
+            counts = needed.sum(dim=1)
+            record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
+            h_raw = self.halting_score(out)
+            live = running.to(x.dtype)
+            q.append((h_raw * live).sum() / live.sum().clamp(min=1.0))
+            h = torch.ones_like(h_raw) if i == depth - 1 else h_raw
+            c = c + h * live
+            halt_now = running & (c >= threshold)
+            still = running & ~halt_now
+            w = torch.where(halt_now, R, h * still)
+            acc = acc + out[:, 0] * w[:, :1]
+            rho = rho + live + torch.where(halt_now, R, torch.zeros_like(R))
+            R = R - h * still
+            executed += needed
+            halt_depth = torch.where(halt_now, torch.full_like(halt_depth, i + 1), halt_depth)
+            halted_per_block.append(halt_now.sum())
+            x = torch.where(running[..., None], out, x)  # halted tokens are frozen
+            running = still
+        if self.training:
+            with torch.no_grad():
+                self.halt_counts += torch.stack(halted_per_block).to(self.halt_counts)
+        record.aux.update(avit_depth=executed.to(x.dtype), avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
+        return self._finish(acc, record)
+
+    # -- removing: inference --
+    def forward_removing(self, images: Tensor) -> RunOutput:
+        model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
+        gamma, beta = self.options.gamma, self.options.beta
+        x = model.embed(images)
+        B, N, D = x.shape
+        state = TokenState.initial(x, model.num_prefix_tokens)
+        position = torch.arange(N, device=x.device).expand(B, N)
+        state = state.replace(extras={"avit_pos": position})
+        record = ExecutionRecord(batch_size=B)
+        depth_map = x.new_full((B, N), float(depth))  # blocks executed per original token
+        output = x.new_zeros(B, D)  # final CLS sums, per image of the full batch
+        c = x.new_zeros(B, N)  # cumulative halting scores of the tokens in `state`
+        acc, R = x.new_zeros(B, D), x.new_ones(B)  # CLS sum and remainder of the images still in the batch
+        active: Tensor | None = None  # their indices in the full batch; None = all of them
+        for i, block in enumerate(model.blocks):
+            if active is None:
+                state = run_block(block, i, state, NO_HOOKS, record)
+            else:
+                state = self._run_subbatch(block, i, state, active, record)
+            out = state.x
+            cls = out[:, 0]
+            if i == depth - 1:  # everything halts; CLS contributes its remainder
+                acc = torch.addcmul(acc, cls, R[:, None])
+                output = acc if active is None else output.index_copy(0, active, acc)
+                break
+            h = (out[..., 0] * gamma).sub_(beta).sigmoid_()
+            c = c + h
+            halt = c >= threshold
+            if state.key_mask is not None:
+                halt &= state.key_mask
+            if not bool(halt.any()):  # the common case: nothing to do beyond the CLS sum
+                acc = torch.addcmul(acc, cls, h[:, :1])
+                R = R - h[:, 0]
+                continue
+            halt_cls, hc = halt[:, 0], h[:, 0]
+            acc = torch.addcmul(acc, cls, torch.where(halt_cls, R, hc)[:, None])
+            R = R - hc
+            real = state.key_mask if state.key_mask is not None else torch.ones_like(halt)
+            keep = real & ~halt & ~halt_cls[:, None]  # a finished CLS takes its image's tokens with it
+            rows_b, cols = (real & ~keep).nonzero(as_tuple=True)
+            full_rows = rows_b if active is None else active[rows_b]
+            depth_map[full_rows, state.extras["avit_pos"][rows_b, cols]] = float(i + 1)
+            state = state.replace(extras={**state.extras, "avit_c": c})
+            if bool(halt_cls.any()):
+                done, rows = halt_cls.nonzero().squeeze(1), (~halt_cls).nonzero().squeeze(1)
+                full = torch.arange(B, device=x.device) if active is None else active
+                output = output.index_copy(0, full[done], acc[done])
+                if rows.numel() == 0:  # every image finished: the remaining blocks run nothing
+                    zeros = torch.zeros(B, dtype=torch.long, device=x.device)
+                    for _ in range(i + 1, depth):
+                        record.attn_tokens.append(zeros)
+                        record.mlp_tokens.append(zeros)
+                        record.attn_width.append(0)
+                        record.mlp_width.append(0)
+                    break
+                active, acc, R, keep = full[rows], acc[rows], R[rows], keep[rows]
+                state = _select_images(state, rows)
+            state = state.compact(keep)
+            c = state.extras["avit_c"]
+        record.aux["avit_depth"] = depth_map
+        return self._finish(output, record)
+
+    def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
+        """Run a block on the images still in the batch; record per-image counts for the full batch."""
+        scratch = ExecutionRecord(batch_size=len(active))
+        state = run_block(block, index, state, NO_HOOKS, scratch)
+        zeros = torch.zeros(record.batch_size, dtype=torch.long, device=active.device)
+        record.attn_tokens.append(zeros.index_copy(0, active, scratch.attn_tokens[0]))
+        record.mlp_tokens.append(zeros.index_copy(0, active, scratch.mlp_tokens[0]))
+        attn_w, mlp_w = _average_widths(state.width, len(active), record.batch_size, self.model.cfg.embed_dim)
+        record.attn_width.append(attn_w)
+        record.mlp_width.append(mlp_w)
+        return state
+
+    # -- training losses and pictures --
+    def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:
+        """ponder_weight · mean ρ over tokens and batch; distr_weight · KL(prior ‖ q).
+
+        q_l = mean halting score h (before the last block's forcing) over the tokens that ran
+        block l, over the whole batch; normalised to sum 1 and clamped to [0.01, 0.99] as the
+        official code. KL(prior ‖ q) = Σ_l prior_l (log prior_l − log q_l): the official
+        direction (`F.kl_div(q.log(), prior)`), mass-covering, so q must put halting mass
+        wherever the prior does; summed over blocks (the true KL).
+        """
+        if not self.options.halting:
+            return {}
+        aux = out.record.aux
+        if "avit_ponder" not in aux:
+            raise ValueError("A-ViT losses need the dense forward (training mode or dense=True); this output came from the removing inference path")
+        q = aux["avit_q"]
+        q = (q / q.sum().clamp(min=torch.finfo(q.dtype).tiny)).clamp(0.01, 0.99)
+        log_prior_ = self.log_prior.to(q.dtype)
+        kl = (log_prior_.exp() * (log_prior_ - q.log())).sum()
+        return {"ponder": self.options.ponder_weight * aux["avit_ponder"].mean(), "distr": self.options.distr_weight * kl}
+
+    def token_map(self, out: RunOutput) -> TokenMap | None:
+        depth = out.record.aux.get("avit_depth")
+        if depth is None:
+            return None
+        p = self.model.num_prefix_tokens
+        return TokenMap(values=depth[:, p:].float().cpu(), label="blocks executed (halting depth)", vmin=1.0, vmax=float(self.depth))
+
+
+register("avit", lambda model, opts: AViT(model, opts), AViTOptions,
+         "A-ViT: adaptive per-token halting (ACT on channel 0); halted tokens removed at inference, batched")
