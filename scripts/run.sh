@@ -21,6 +21,8 @@ if [ "$job" = test ]; then
   # is a CUDA build here, so it is installed without dependencies (see tests/test_timm_equivalence.py).
   "${pip[@]}" --no-deps timm==1.0.31 || echo "timm not installed: the timm equivalence test will skip"
   "${pip[@]}" pyyaml huggingface_hub || true
+  # the corruption package (optional extra) so the robustness tests run for real; they skip without it
+  "${pip[@]}" -e ".[robustness]" || echo "imagecorruptions-imaug not installed: its tests will skip"
 fi
 if "$venv/bin/python" -m pip list 2>/dev/null | grep -qi nvidia; then
   echo "error: CUDA packages were installed into $venv; remove it and report the dependency that pulled them" >&2
