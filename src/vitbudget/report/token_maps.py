@@ -74,7 +74,9 @@ def save_token_maps(
     if layer is not None:
         fig.colorbar(layer, ax=axes.ravel().tolist(), shrink=0.6, label=token_map.label)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        import textwrap
+
+        fig.suptitle(textwrap.fill(suptitle, width=12 * columns * scale), fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
