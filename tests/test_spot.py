@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, make_model
+from conftest import make_model
 from test_cost import counted_flops
 from vitbudget import CheckpointError, ConfigError, run
 from vitbudget.eval.cost import macs_per_image

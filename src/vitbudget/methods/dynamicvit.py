@@ -12,22 +12,18 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .predictor import PredictorMethod, check_rho, parse_stages
+from ..errors import ConfigError
+from .predictor import PredictorMethod, StagedOptions
 from .registry import register
 
 
 @dataclass(frozen=True)
-class DynamicViTOptions:
-    rho: float = field(default=0.7, metadata={"help": "evit/dynamicvit/spot/spot_heuristic: keep ratio per stage in (0, 1] (learned methods keep rho^k of the patches at stage k)"})
-    stages: str = field(default="3,6,9", metadata={"help": "evit/dynamicvit/spot/spot_heuristic: comma-separated 0-based block indices where tokens are pruned"})
+class DynamicViTOptions(StagedOptions):
     rate_weight: float = field(default=2.0, metadata={"help": "dynamicvit/spot: weight of the keep-rate loss sum_k (kept fraction - rho^k)^2 / K"})
     token_distill: float = field(default=0.5, metadata={"help": "dynamicvit/spot: weight of the MSE between final kept tokens and the teacher's (dynamicvit 0.5, spot 0)"})
 
     def __post_init__(self) -> None:
-        check_rho(self.rho)
-        parse_stages(self.stages)
-        from ..errors import ConfigError
-
+        super().__post_init__()
         if self.rate_weight < 0 or self.token_distill < 0:
             raise ConfigError(f"--rate-weight and --token-distill must be >= 0, got {self.rate_weight}, {self.token_distill}")
 

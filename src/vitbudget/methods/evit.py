@@ -19,20 +19,13 @@ from ..runtime.attention import AttentionInfo
 from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
 from .base import Method
-from .dynamicvit import DynamicViTOptions
-from .predictor import check_rho, check_stages_in_range, drop_stage_map, keep_count, note_drops, parse_stages, top_index
+from .predictor import StagedOptions, check_stages_in_range, drop_stage_map, keep_count, note_drops, parse_stages, top_index
 from .registry import register
 
 
 @dataclass(frozen=True)
-class EViTOptions:
-    rho: float = field(default=0.7, metadata={"help": DynamicViTOptions.__dataclass_fields__["rho"].metadata["help"]})
-    stages: str = field(default="3,6,9", metadata={"help": DynamicViTOptions.__dataclass_fields__["stages"].metadata["help"]})
+class EViTOptions(StagedOptions):
     fuse: bool = field(default=False, metadata={"help": "evit: fuse the dropped tokens into one token weighted by their CLS attention"})
-
-    def __post_init__(self) -> None:
-        check_rho(self.rho)
-        parse_stages(self.stages)
 
 
 class EViT(Method):

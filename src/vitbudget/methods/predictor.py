@@ -10,6 +10,7 @@ ceil(rho^k * N) tokens by keep score and really removes the others (fixed counts
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -349,3 +350,15 @@ class PredictorMethod(Method):
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
         return drop_stage_map(out)
+
+
+@dataclass(frozen=True)
+class StagedOptions:
+    """Options every stage-wise pruning method shares (EViT, DynamicViT, SPOT and its heuristic)."""
+
+    rho: float = field(default=0.7, metadata={"help": "evit/dynamicvit/spot/spot_heuristic: keep ratio per stage in (0, 1] (learned methods keep rho^k of the patches at stage k)"})
+    stages: str = field(default="3,6,9", metadata={"help": "evit/dynamicvit/spot/spot_heuristic: comma-separated 0-based block indices where tokens are pruned"})
+
+    def __post_init__(self) -> None:
+        check_rho(self.rho)
+        parse_stages(self.stages)

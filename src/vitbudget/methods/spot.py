@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ConfigError
 from ..report.token_maps import TokenMap
@@ -30,7 +29,7 @@ from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
 from .base import Method
 from .dynamicvit import DynamicViTOptions
-from .predictor import (PredictorMethod, check_rho, check_stages_in_range, drop_stage_map, keep_count, note_drops,
+from .predictor import (PredictorMethod, StagedOptions, check_stages_in_range, drop_stage_map, keep_count, note_drops,
                         parse_stages, resolve_d_remap, top_index)
 from .registry import register
 
@@ -68,13 +67,8 @@ class SPOT(PredictorMethod):
 
 
 @dataclass(frozen=True)
-class HeuristicOptions:
-    rho: float = field(default=0.7, metadata={"help": DynamicViTOptions.__dataclass_fields__["rho"].metadata["help"]})
-    stages: str = field(default="3,6,9", metadata={"help": DynamicViTOptions.__dataclass_fields__["stages"].metadata["help"]})
-
-    def __post_init__(self) -> None:
-        check_rho(self.rho)
-        parse_stages(self.stages)
+class HeuristicOptions(StagedOptions):
+    """The heuristic's options are exactly the shared rho and stages."""
 
 
 class SPOTHeuristic(Method):
