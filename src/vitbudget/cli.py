@@ -86,14 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     _method_option_flags(ev)
 
     be = sub.add_parser("bench", help="a suite of methods x seeds: mean ± std, paired tests, speed (paper tables)",
-                        description="Run a named suite (several methods, seeds where a method is random) on the same images.",
+                        description="Run a suite (several methods, seeds where a method is random) on the same images.",
                         epilog="examples:\n  vitbudget bench --suite abs --out runs/abs_table1            # ABS Tables 1/3/4\n"
                                "  vitbudget bench --suite abs-ablation --out runs/abs_table5\n"
-                               "  vitbudget bench --suite abs-short --data DIR --split gaussian_noise,fog --no-speed --out runs/abs_c",
+                               "  vitbudget bench --suite abs-short --data DIR --split gaussian_noise,fog --no-speed --out runs/abs_c\n"
+                               "  vitbudget bench --suite benchmarks/spot_table1.json --out runs/spot_table1   # entries with their own checkpoints\n\n"
+                               "A suite file is JSON: {\"entries\": [{\"label\": \"SPOT\", \"method\": \"spot\", \"model\": \"runs/spot/model.safetensors\",\n"
+                               "\"options\": {\"rho\": 0.7}, \"seeded\": false}, ...]}; the first entry is the reference for ratios and tests,\n"
+                               "an entry without \"model\" uses --model.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     from .eval.suite import SUITES
 
-    be.add_argument("--suite", required=True, choices=sorted(SUITES), help="named suite of methods")
+    be.add_argument("--suite", required=True, metavar="NAME|FILE.json", help=f"named suite ({', '.join(sorted(SUITES))}) or a JSON suite file")
     be.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
     be.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
     be.add_argument("--split", default="test", help="split folder, or several separated by commas (one table each plus a summary)")
@@ -256,12 +260,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .data import EvalTransform, ImageFolder, subset_indices
     from .eval.machine import describe_machine, machine_info
-    from .eval.suite import SUITES, run_suite, suite_table
+    from .eval.suite import load_suite, run_suite, suite_table
     from .models import load_model
 
     out_dir = ensure_writable_dir(args.out)
     if args.seeds <= 0:
         raise ConfigError(f"--seeds must be positive, got {args.seeds}")
+    entries = load_suite(args.suite)
     model_path = _resolve(args.model, DEFAULT_MODEL, "model")
     data_path = _resolve(args.data, DEFAULT_DATA, "data")
     model = load_model(model_path)
@@ -273,7 +278,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = {}
     for split, dataset in datasets.items():
         indices = subset_indices(len(dataset), args.limit)
-        result = run_suite(SUITES[args.suite], model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
+        result = run_suite(entries, model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
                            workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet)
         results[split] = result
         table = suite_table(result)

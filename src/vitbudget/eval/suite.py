@@ -4,16 +4,24 @@ A seed changes only what is random in a method at inference (ABS: the entropy he
 initialisation and the random scorer's draw). Evaluation has no batch interactions (batched
 equals one-by-one), so data order cannot change a result and is not a seed's business.
 Deterministic methods run once; their value repeats across seeds in paired tests.
+
+A suite is a named list below or a JSON file (`load_suite`), whose entries may each name their
+own checkpoint, so trained methods (SPOT, DynamicViT, A-ViT at several target depths) are
+compared on the same images and timed round-robin in one run.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..methods import load_method
+from ..errors import CheckpointError, ConfigError
+from ..methods import load_method, make_options
 from . import metrics
 from .cost import dense_macs
 from .evaluate import measure_speed, predict
@@ -25,6 +33,7 @@ class SuiteEntry:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     seeded: bool = False  # the method has a `seed` option that changes its result
+    model: str | None = None  # checkpoint of this entry; None = the suite's --model
 
 
 BASELINE = SuiteEntry("Baseline", "baseline")
@@ -60,6 +69,44 @@ SUITES: dict[str, list[SuiteEntry]] = {
 }
 
 
+def load_suite(name_or_path: str) -> list[SuiteEntry]:
+    """A named suite, or a JSON file: {"entries": [{"label", "method", "options"?, "seeded"?, "model"?}, ...]}.
+
+    Everything is checked before any work starts: unknown keys, methods and options, duplicate
+    labels, and missing checkpoints (relative paths are taken from the working directory).
+    """
+    if name_or_path in SUITES:
+        return SUITES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"--suite {name_or_path!r} is neither a named suite ({', '.join(sorted(SUITES))}) nor a JSON file")
+    try:
+        spec = json.loads(path.read_text())
+        raw = spec["entries"]
+        if not isinstance(raw, list) or not raw:
+            raise TypeError("'entries' must be a non-empty list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"suite file {str(path)!r} is not a suite (JSON with a non-empty \"entries\" list): {exc}") from None
+    known = {f.name for f in dataclasses.fields(SuiteEntry)}
+    entries = []
+    for i, item in enumerate(raw):
+        where = f"suite file {str(path)!r}, entry {i}"
+        if not isinstance(item, dict) or not {"label", "method"} <= set(item):
+            raise ConfigError(f"{where}: needs at least \"label\" and \"method\"")
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        entry = SuiteEntry(**item)
+        make_options(entry.method, {**entry.options, **({"seed": 0} if entry.seeded else {})})  # unknown method/option -> ConfigError
+        if entry.model is not None and not Path(entry.model).is_file():
+            raise CheckpointError(f"{where} ({entry.label!r}): checkpoint {entry.model!r} not found")
+        entries.append(entry)
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"suite file {str(path)!r}: labels must be unique, got {labels}")
+    return entries
+
+
 def run_suite(
     entries: Sequence[SuiteEntry], model_path: str | os.PathLike, dataset, indices: Sequence[int], *, seeds: Sequence[int] = (0,),
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
@@ -72,7 +119,7 @@ def run_suite(
         per_seed = []
         for seed in seeds if entry.seeded else seeds[:1]:
             options = {**entry.options, **({"seed": seed} if entry.seeded else {})}
-            method = load_method(model_path, entry.method, **options).to(device)
+            method = load_method(entry.model or model_path, entry.method, **options).to(device)
             pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=f"{entry.label} s{seed}")
             summary = pred.summary(dense_macs(method.base_cfg))
             per_seed.append({"seed": seed if entry.seeded else None, **summary})
@@ -129,14 +176,16 @@ def _opt(value: float | None, fmt: str) -> str:
 def suite_table(result: dict[str, Any]) -> str:
     """Markdown: the paper's Table 1/4 columns plus our significance and speed columns."""
     lines = [
-        "| method | seeds | rel. FLOPs | top-1 % | ECE % | NLL | p (t-test over seeds) | p (McNemar, seed 0) | b1 latency ms | latency overhead % | top-1 gain per extra ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | GFLOPs | rel. FLOPs | top-1 % | ECE % | NLL | p (t-test over seeds) | p (McNemar, seed 0) | "
+        "b1 latency ms | latency overhead % | b64 throughput ratio | top-1 gain per extra ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in result["rows"].items():
         mcnemar = r.get("mcnemar_seed0")
         lines.append(
-            f"| {label} | {len(r['per_seed'])} | {r['rel_flops']:.3f}× | {_mean_std(r, 'top1')} | {_mean_std(r, 'ece')} | "
+            f"| {label} | {len(r['per_seed'])} | {r['gflops']:.4f} | {r['rel_flops']:.3f}× | {_mean_std(r, 'top1')} | {_mean_std(r, 'ece')} | "
             f"{_mean_std(r, 'nll', 3)} | {_p(r.get('p_ttest_seeds'))} | {_p(mcnemar['p_value']) if mcnemar else '–'} | "
-            f"{_opt(r.get('latency_b1_ms'), '.2f')} | {_opt(r.get('latency_overhead_pct'), '+.1f')} | {_opt(r.get('gain_per_ms'), '+.3f')} |"
+            f"{_opt(r.get('latency_b1_ms'), '.2f')} | {_opt(r.get('latency_overhead_pct'), '+.1f')} | "
+            f"{_opt(r.get('throughput_ratio'), '.3f')} | {_opt(r.get('gain_per_ms'), '+.3f')} |"
         )
     return "\n".join(lines) + "\n"
