@@ -11,6 +11,7 @@ from test_cost import counted_flops
 from vitbudget import CheckpointError, ConfigError, run
 from vitbudget.eval.cost import macs_per_image
 from vitbudget.methods import build_method, load_method, save_method
+from vitbudget.methods.base import run_teacher
 from vitbudget.methods.predictor import attention_stats
 from vitbudget.models.loading import save_model
 
@@ -148,7 +149,13 @@ def test_spot_probability_needs_and_ablation_shapes():
     assert not any(build("dynamicvit", m, stages="3,6,9").needs_probs(i) for i in range(12))
     widths = lambda meth: meth.predictors[0].widths[0]
     assert widths(spot) == 32 + 3 * 6 * 2
-    assert widths(build("spot", m, no_means=True)) == 32 + 2 * 6 * 2
+    assert widths(build("spot", m, no_means=True)) == widths(build("spot", m, no_variances=True)) == 32 + 3 * 4 * 2
+    assert build("spot", m, no_means=True).stats == (0, 1, 4, 5) and build("spot", m, no_variances=True).stats == (0, 1, 2, 3)
+    assert widths(build("spot", m, no_dynamics=True)) == 32 + 1 * 6 * 2
+    for meth in (spot, build("spot", m, d_remap=0, head_average=True)):  # hidden widths follow the input width E (SPOT's FLOPs)
+        e = widths(meth)
+        assert meth.predictors[0].widths == (e, e // 2, e // 4, 2)
+    assert build("dynamicvit", m).predictors[0].widths == (32, 16, 8, 2)  # DynamicViT: C, C/2, C/4
     assert widths(build("spot", m, no_dynamics=True, head_average=True, d_remap=0)) == 6
     assert widths(build("spot", m, d_remap=0.5)) == 16 + 36 and widths(build("spot", m, d_remap=8)) == 8 + 36
     assert len(build("spot", m, stages="3,6,9", shared_predictor=True).predictors) == 1
@@ -190,11 +197,16 @@ def test_training_step_reaches_predictors_and_losses(model, name):
     method = build(name, copy.deepcopy(model), rho=0.6, token_distill=0.5)
     method.train()
     with torch.no_grad():
-        teacher = run(model, X)
+        teacher = run_teacher(model, X)
     torch.manual_seed(0)
     out = method(X)
     losses = method.extra_losses(out, torch.zeros(4, dtype=torch.long), teacher)
     assert set(losses) == {"rate", "token_distill"}
+    # the token loss by hand, on final-normed kept tokens: SPOT 1 - cosine (its eq. 14), DynamicViT MSE
+    kept = out.state.policy[:, 1:] > 0.5
+    s, t = model.norm(out.state.x[:, 1:][kept]), model.norm(teacher.state.x[:, 1:][kept])
+    distance = (1 - F.cosine_similarity(s, t, dim=-1)).mean() if name == "spot" else F.mse_loss(s, t)
+    assert torch.allclose(losses["token_distill"], 0.5 * distance, atol=1e-6)
     loss = F.cross_entropy(out.logits, torch.arange(4)) + sum(losses.values())
     loss.backward()
     for pred in method.predictors:

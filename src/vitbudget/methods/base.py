@@ -35,7 +35,8 @@ class Method(nn.Module, Hooks):
     def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:
         """Weighted loss terms the method adds in training (ponder cost, keep rate, token distillation).
 
-        `teacher` is the frozen teacher's run (logits and final tokens) when the recipe has one.
+        `teacher` is the frozen teacher's run when the recipe has one: its logits, and its final
+        tokens after the final norm in `teacher.record.aux["final_tokens"]` (`run_teacher`).
         """
         return {}
 
@@ -47,6 +48,18 @@ class Method(nn.Module, Hooks):
         """The settings that identify this run in reports."""
         opts = dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
         return {"method": self.name, **opts}
+
+
+class _KeepFinalTokens(Hooks):
+    def finish(self, model: nn.Module, state, record) -> Tensor:
+        tokens = model.norm(state.x)
+        record.aux["final_tokens"] = tokens
+        return model.forward_head(tokens, state.key_mask)
+
+
+def run_teacher(teacher: nn.Module, images: Tensor) -> RunOutput:
+    """The teacher's plain forward, keeping its final-normed tokens for token distillation."""
+    return run(teacher, images, _KeepFinalTokens())
 
 
 class Baseline(Method):

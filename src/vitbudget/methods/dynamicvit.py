@@ -3,7 +3,7 @@
 Predictors before 0-based blocks `stages` (3, 6, 9) keep rho, rho^2, rho^3 of the patch tokens.
 Training: hard Gumbel-softmax masks (tau 1), monotone, applied as an attention policy; loss adds
 rate_weight * sum_k (kept fraction - rho^k)^2 / K and token_distill * MSE(final kept tokens,
-teacher tokens); the KL to the teacher is the Trainer's distill_weight. Inference: top
+teacher tokens, both after the final norm); the KL to the teacher is the Trainer's distill_weight. Inference: top
 ceil(rho^k * N) tokens by keep score, the rest really removed (same count per image: batched).
 """
 from __future__ import annotations

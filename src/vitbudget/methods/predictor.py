@@ -141,8 +141,10 @@ class TokenPredictor(nn.Module):
 
     Embedding part (d_remap > 0): LayerNorm -> Linear(C, d_remap) -> GELU; the first half is local,
     the second half averaged over kept tokens is global (DynamicViT). Attention features (SPOT)
-    are concatenated. Then Linear(E, C/2) -> GELU -> Linear(C/2, C/4) -> GELU -> Linear(C/4, 2),
-    log-softmax; index 0 = keep.
+    are concatenated, giving E inputs. Then Linear(E, E/2) -> GELU -> Linear(E/2, E/4) -> GELU ->
+    Linear(E/4, 2), log-softmax; index 0 = keep. For DynamicViT E = C, its reference's C/2, C/4;
+    for SPOT the widths follow E: only then do the predictor GFLOPs the SPOT paper reports fit
+    (DeiT-T 0.032 G; DeiT-S 0.129 G, 0.106 G head-averaged, < 0.01 G with d_remap = 0).
     """
 
     def __init__(self, dim: int, d_remap: int, att_features: int):
@@ -151,8 +153,9 @@ class TokenPredictor(nn.Module):
         if d_remap:
             self.norm = nn.LayerNorm(dim)
             self.remap = nn.Linear(dim, d_remap)
-        h1, h2 = max(dim // 2, 2), max(dim // 4, 2)
-        self.widths = (d_remap + att_features, h1, h2, 2)
+        e = d_remap + att_features
+        h1, h2 = max(e // 2, 2), max(e // 4, 2)
+        self.widths = (e, h1, h2, 2)
         self.mlp = nn.Sequential(nn.Linear(self.widths[0], h1), nn.GELU(), nn.Linear(h1, h2), nn.GELU(), nn.Linear(h2, 2))
 
     def forward(self, x: Tensor, att: Tensor | None, policy: Tensor | None) -> Tensor:
@@ -194,12 +197,15 @@ class PredictorMethod(Method):
     """Learned token pruning at `stages` with keep ratios rho^k (DynamicViT; SPOT adds attention features).
 
     Subclasses set `sources` (which attention maps feed the predictor: 'A' the previous block,
-    'M' running mean, 'S' running variance), `head_average` and `d_remap`.
+    'M' running mean, 'S' running variance) and call `setup` with `d_remap`, `head_average` and
+    `stats`, the indices into attention_stats' six statistics that are fed (SPOT's Table 2
+    ablations drop the row/column means 2, 3 or variances 4, 5 from every source).
     """
 
     sources: tuple[str, ...] = ()
+    token_loss = "mse"  # distance between final kept tokens and the teacher's: "mse" (DynamicViT) or "cosine" (SPOT)
 
-    def setup(self, d_remap: int, head_average: bool, shared: bool) -> None:
+    def setup(self, d_remap: int, head_average: bool, shared: bool, stats: tuple[int, ...] = tuple(range(6))) -> None:
         cfg = self.model.cfg
         if not cfg.class_token:
             raise ConfigError(f"{self.name} reads the CLS token (readout and attention features); this model has none")
@@ -210,8 +216,9 @@ class PredictorMethod(Method):
         self.ratios = [opts.rho ** (k + 1) for k in range(len(self.stages))]
         self.counts = [keep_count(r, cfg.num_patches) for r in self.ratios]
         self.head_average = head_average
+        self.stats = stats
         heads = 1 if head_average else cfg.num_heads
-        att = 6 * len(self.sources) * heads
+        att = len(stats) * len(self.sources) * heads
         n_pred = 1 if shared else len(self.stages)
         self.predictors = nn.ModuleList(TokenPredictor(cfg.embed_dim, d_remap, att) for _ in range(n_pred))
         self.fixed_keep: list[Tensor] | None = None  # tests: patch ids to keep per stage on the masked path
@@ -283,9 +290,10 @@ class PredictorMethod(Method):
             raw[name] = s
             if self.head_average:
                 s = s.mean(dim=2, keepdim=True)
-            feats.append(s * scale)
+            feats.append((s * scale)[..., list(self.stats)])
         h, npt = maps[self.sources[0]].shape[2], state.width - p
-        record.add_macs(float(len(self.sources) * 2 * h * npt * npt))  # squared deviations for row and column variances
+        if 4 in self.stats or 5 in self.stats:
+            record.add_macs(float(len(self.sources) * 2 * h * npt * npt))  # squared deviations for row and column variances
         if self.capture:
             record.aux.setdefault("spot_stats", []).append({"patch_ids": state.patch_ids[:, p:].clone(), "keep": keep, **raw})
         return torch.cat(feats, dim=-1).flatten(2)
@@ -343,9 +351,14 @@ class PredictorMethod(Method):
         if self.options.token_distill and teacher is not None and out.state.policy is not None:
             p = out.state.num_prefix
             mask = out.state.policy[:, p:] > 0.5
-            student, target = out.state.x[:, p:][mask], teacher.state.x[:, p:][mask]
+            student = self.model.norm(out.state.x[:, p:][mask])
+            target = teacher.record.aux["final_tokens"][:, p:][mask]
             if student.numel():
-                losses["token_distill"] = self.options.token_distill * F.mse_loss(student, target)
+                if self.token_loss == "cosine":  # SPOT eq. 14: 1 - cos over the retained tokens
+                    distance = (1 - F.cosine_similarity(student, target, dim=-1)).mean()
+                else:
+                    distance = F.mse_loss(student, target)
+                losses["token_distill"] = self.options.token_distill * distance
         return losses
 
     def token_map(self, out: RunOutput) -> TokenMap | None:

@@ -5,7 +5,17 @@ mean, column mean, row variance, column variance of the non-CLS block] of the at
 block just before the stage, the same statistics of the running mean D^M and running variance
 D^Sigma of the attention maps of all blocks so far (restricted to kept tokens), and the token
 embedding remapped to d_remap and split local / global (DynamicViT's predictor when the
-attention features are removed). Training and inference are DynamicViT's (see predictor.py).
+attention features are removed). Training and inference are DynamicViT's (see predictor.py),
+except the predictor's hidden widths follow its input width E (E/2, E/4: what the paper's
+predictor GFLOPs imply) and the optional token loss is 1 - cosine (the paper's eq. 14).
+
+Beyond the paper: the statistics are scaled to O(1) before the MLP (probabilities and means
+times the number of kept tokens, variances times its square), so that a uniform attention row
+reads 1 whatever the token count; the paper feeds them raw.
+
+Ablations (the paper's Table 2): `no_means` drops the row and column means from all three
+sources, `no_variances` the row and column variances, `no_dynamics` D^M and D^Sigma; Table 7:
+`d_remap` 0 and the heuristic below; Table 8: `head_average`, `shared_predictor`.
 
 Cost: the running statistics need the attention probabilities of every block before the last
 stage (blocks 0..8 for stages 3,6,9), so those blocks run an explicit softmax instead of fused
@@ -36,10 +46,10 @@ from .registry import register
 
 @dataclass(frozen=True)
 class SPOTOptions(DynamicViTOptions):
-    token_distill: float = field(default=0.0, metadata={"help": "dynamicvit/spot: weight of the MSE between final kept tokens and the teacher's (dynamicvit 0.5, spot 0)"})
-    no_means: bool = field(default=False, metadata={"help": "spot ablation: drop the running-mean statistics D^M"})
-    no_variances: bool = field(default=False, metadata={"help": "spot ablation: drop the running-variance statistics D^Sigma"})
-    no_dynamics: bool = field(default=False, metadata={"help": "spot ablation: drop D^M and D^Sigma (only the previous block's attention)"})
+    token_distill: float = field(default=0.0, metadata={"help": "dynamicvit/spot: weight of the token loss on final kept tokens vs the teacher's (dynamicvit: MSE, 0.5; spot: 1 - cosine, 0)"})
+    no_means: bool = field(default=False, metadata={"help": "spot ablation (Table 2): drop the row and column means from D^A, D^M and D^Sigma"})
+    no_variances: bool = field(default=False, metadata={"help": "spot ablation (Table 2): drop the row and column variances from D^A, D^M and D^Sigma"})
+    no_dynamics: bool = field(default=False, metadata={"help": "spot ablation (Table 2): drop D^M and D^Sigma (only the previous block's attention)"})
     d_remap: float = field(default=1.0, metadata={"help": "spot: token-embedding remap width: a fraction of the embed dim (1 = D, 0.5 = D/2, 0 = no embedding) or a width > 1"})
     head_average: bool = field(default=False, metadata={"help": "spot ablation: average the attention statistics over heads"})
     shared_predictor: bool = field(default=False, metadata={"help": "spot ablation: one predictor shared by all stages"})
@@ -52,18 +62,14 @@ class SPOTOptions(DynamicViTOptions):
 
 class SPOT(PredictorMethod):
     name = "spot"
+    token_loss = "cosine"
 
     def __init__(self, model: nn.Module, options: SPOTOptions):
         super().__init__(model, options)
-        sources = ["A"]
-        if not options.no_dynamics:
-            if not options.no_means:
-                sources.append("M")
-            if not options.no_variances:
-                sources.append("S")
-        self.sources = tuple(sources)
+        self.sources = ("A",) if options.no_dynamics else ("A", "M", "S")
+        dropped = ({2, 3} if options.no_means else set()) | ({4, 5} if options.no_variances else set())
         self.setup(d_remap=resolve_d_remap(options.d_remap, model.cfg.embed_dim), head_average=options.head_average,
-                   shared=options.shared_predictor)
+                   shared=options.shared_predictor, stats=tuple(i for i in range(6) if i not in dropped))
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from ..eval.evaluate import predict
 from ..eval.metrics import summarize
 from ..io import atomic_path, ensure_writable_dir
 from ..methods import build_method
+from ..methods.base import run_teacher
 from ..methods.checkpoint import save_method
 from ..models import Preprocess, VisionTransformer, ViTConfig
-from ..runtime import run
 from .losses import classification_loss, distillation_loss
 from .optim import lr_at, make_optimizer, set_lr
 from .recipes import Recipe
@@ -120,7 +120,7 @@ class Trainer:
         teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher = run(self.teacher, images)
+                teacher = run_teacher(self.teacher, images)
             if self.recipe.distill_weight:
                 parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher.logits)
         parts.update(self.method.extra_losses(out, targets, teacher))
