@@ -187,8 +187,8 @@ def test_ponder_and_kl_losses_by_hand():
     assert aux["avit_halt_depth"].tolist() == [list(depths)] * 2
     # executed blocks: CLS finishes after block 3, so nothing runs in block 4
     assert aux["avit_depth"][0].tolist() == [min(d, 3) for d in depths]
-    # q_l: mean raw score over the tokens running into block l; prior over blocks 1..4
-    q = [sum(v for v, d in zip(hs, depths) if d >= block) / sum(d >= block for d in depths) for block in range(1, 5)]
+    # q_l: raw scores of the tokens running into block l, averaged over all 17 tokens; prior over blocks 1..4
+    q = [sum(v for v, d in zip(hs, depths) if d >= block) / 17 for block in range(1, 5)]
     q = [min(max(v / sum(q), 0.01), 0.99) for v in q]
     prior = [math.exp(-0.5 * ((b - 3.0) / 1.5) ** 2) for b in range(1, 5)]
     prior = [p / sum(prior) for p in prior]

@@ -109,3 +109,18 @@ def test_reference_model_on_cifar10_subset(tmp_path, capsys):
     assert code == 0
     top1 = json.loads((tmp_path / "o/results.json").read_text())["methods"]["baseline"]["top1"]
     assert 52 < top1 < 68  # 60.03 % on the full set; a 500-image subset varies by about ±2.2 points
+
+
+def test_distilling_recipe_takes_its_teacher_from_init(tmp_path, capsys, image_folder):
+    base = ["train", "--recipe", "smoke", "--data", str(image_folder), "--quiet", "--workers", "0", "--train-limit", "16",
+            "--batch-size", "8", "--epochs", "1", "--distill-weight", "0.5"]
+    code, _, err = run_cli(capsys, *base, "--out", str(tmp_path / "a"))
+    assert code == 1 and "pass --init CKPT" in err and err.count("\n") == 1
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    code, _, err = run_cli(capsys, *base[:-2], "--out", str(tmp_path / "init"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *base, "--init", str(tmp_path / "init" / "model.safetensors"), "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    from vitbudget.models.loading import read_sidecar, sidecar_path
+
+    assert read_sidecar(sidecar_path(tmp_path / "b" / "model.safetensors"))["recipe"]["distill_weight"] == 0.5

@@ -31,6 +31,8 @@ TRAIN_EPILOG = """examples:
   vitbudget train --recipe smoke --out runs/smoke          # seconds: checks an installation
   vitbudget train --recipe vit_tiny_p4_cifar10 --out runs/ref   # reproduces the reference model (~2 h, 2 cores)
   vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
+  vitbudget train --recipe spot_cifar10 --init ref.safetensors --out runs/spot      # teacher = --init
+  vitbudget train --recipe avit_cifar10 --init ref.safetensors --target-depth 6 --out runs/avit_d6
 
 Checkpoints go to OUT/train_state.pt every --save-every steps and at each epoch end; run the
 same command again to resume after an interruption. The final model is OUT/model.safetensors
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default=None, help=f"ImageFolder with train/ and test/ splits, or an archive; default: shared {DEFAULT_DATA}")
     tr.add_argument("--out", required=True, help="run directory: checkpoints, final model, log")
     tr.add_argument("--init", default=None, help="start from this checkpoint instead of random weights (fine-tuning)")
-    tr.add_argument("--teacher", default=None, help="frozen teacher checkpoint for distillation")
+    tr.add_argument("--teacher", default=None, help="frozen teacher checkpoint for distillation (default for distilling recipes: --init)")
     tr.add_argument("--distill-weight", type=float, default=None, help="weight of KL(teacher||student)")
     tr.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
     tr.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
@@ -361,6 +363,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher) if args.teacher else None
     if teacher is not None and not recipe.distill_weight:
         recipe = recipe.replace(distill_weight=0.5)
+    if teacher is None and recipe.distill_weight:  # the papers distil from the model they fine-tune
+        if args.init is None:
+            raise ConfigError(f"recipe {recipe.name!r} distils from a teacher: pass --init CKPT (the teacher defaults to it) or --teacher CKPT")
+        teacher = load_model(args.init)
     data = _resolve(args.data, DEFAULT_DATA, "data")
     trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet)
     if trainer.state_path.is_file():

@@ -105,6 +105,16 @@ def _select_images(state: TokenState, rows: Tensor) -> TokenState:
     return state.replace(**changes, extras=extras)
 
 
+def _depth_map(trace: list[tuple[Tensor | None, Tensor, Tensor | None]], batch: int, tokens: int) -> Tensor:
+    """(batch, tokens) blocks each original token ran, from what every block ran: one bincount."""
+    flat = []
+    for active, pos, key_mask in trace:
+        rows = torch.arange(batch, device=pos.device) if active is None else active
+        index = rows[:, None] * tokens + pos
+        flat.append(index.reshape(-1) if key_mask is None else index[key_mask])
+    return torch.bincount(torch.cat(flat), minlength=batch * tokens).view(batch, tokens)
+
+
 def _average_widths(width: int, active: int, batch: int, dim: int) -> tuple[float, float]:
     """Per-image (attention, MLP) widths of a block run by `active` of `batch` images at `width`.
 
@@ -182,7 +192,7 @@ class AViT(Method):
             record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
             h_raw = self.halting_score(out)
             live = running.to(x.dtype)
-            q.append((h_raw * live).sum() / live.sum().clamp(min=1.0))
+            q.append((h_raw * live).sum() / live.numel())  # over all tokens: halted ones add 0, so q ~ where tokens halt
             h = torch.ones_like(h_raw) if i == depth - 1 else h_raw
             c = c + h * live
             halt_now = running & (c >= threshold)
@@ -204,20 +214,26 @@ class AViT(Method):
 
     # -- removing: inference --
     def forward_removing(self, images: Tensor) -> RunOutput:
+        """Halted tokens leave the tensor after the block they halt in; finished images leave the batch.
+
+        The loop keeps its bookkeeping to a few small ops per block (at batch 1 a block of this
+        model takes about 1 ms, so overhead would eat the savings): `c` and each token's original
+        position travel with the tokens as extras, and the per-token depth map is built once at
+        the end from the positions each block ran (`_depth_map`).
+        """
         model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
         gamma, beta = self.options.gamma, self.options.beta
         x = model.embed(images)
         B, N, D = x.shape
-        state = TokenState.initial(x, model.num_prefix_tokens)
         position = torch.arange(N, device=x.device).expand(B, N)
-        state = state.replace(extras={"avit_pos": position})
+        state = TokenState.initial(x, model.num_prefix_tokens).replace(extras={"avit_pos": position, "avit_c": x.new_zeros(B, N)})
         record = ExecutionRecord(batch_size=B)
-        depth_map = x.new_full((B, N), float(depth))  # blocks executed per original token
         output = x.new_zeros(B, D)  # final CLS sums, per image of the full batch
-        c = x.new_zeros(B, N)  # cumulative halting scores of the tokens in `state`
         acc, R = x.new_zeros(B, D), x.new_ones(B)  # CLS sum and remainder of the images still in the batch
         active: Tensor | None = None  # their indices in the full batch; None = all of them
+        trace = []  # per block: (active, positions, key mask) of the tokens it ran
         for i, block in enumerate(model.blocks):
+            trace.append((active, state.extras["avit_pos"], state.key_mask))
             if active is None:
                 state = run_block(block, i, state, NO_HOOKS, record)
             else:
@@ -229,22 +245,20 @@ class AViT(Method):
                 output = acc if active is None else output.index_copy(0, active, acc)
                 break
             h = (out[..., 0] * gamma).sub_(beta).sigmoid_()
-            c = c + h
+            c = state.extras["avit_c"] + h
             halt = c >= threshold
             if state.key_mask is not None:
                 halt &= state.key_mask
+            hc = h[:, 0]
             if not bool(halt.any()):  # the common case: nothing to do beyond the CLS sum
-                acc = torch.addcmul(acc, cls, h[:, :1])
-                R = R - h[:, 0]
+                acc = torch.addcmul(acc, cls, hc[:, None])
+                R = R - hc
+                state.extras["avit_c"] = c  # safe in place: this loop made the dict (initial state, compact)
                 continue
-            halt_cls, hc = halt[:, 0], h[:, 0]
+            halt_cls = halt[:, 0]
             acc = torch.addcmul(acc, cls, torch.where(halt_cls, R, hc)[:, None])
             R = R - hc
-            real = state.key_mask if state.key_mask is not None else torch.ones_like(halt)
-            keep = real & ~halt & ~halt_cls[:, None]  # a finished CLS takes its image's tokens with it
-            rows_b, cols = (real & ~keep).nonzero(as_tuple=True)
-            full_rows = rows_b if active is None else active[rows_b]
-            depth_map[full_rows, state.extras["avit_pos"][rows_b, cols]] = float(i + 1)
+            keep = ~halt & ~halt_cls[:, None]  # a finished CLS takes its image's tokens with it
             state = state.replace(extras={**state.extras, "avit_c": c})
             if bool(halt_cls.any()):
                 done, rows = halt_cls.nonzero().squeeze(1), (~halt_cls).nonzero().squeeze(1)
@@ -261,8 +275,7 @@ class AViT(Method):
                 active, acc, R, keep = full[rows], acc[rows], R[rows], keep[rows]
                 state = _select_images(state, rows)
             state = state.compact(keep)
-            c = state.extras["avit_c"]
-        record.aux["avit_depth"] = depth_map
+        record.aux["avit_depth"] = _depth_map(trace, B, N).to(x.dtype)
         return self._finish(output, record)
 
     def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
@@ -281,9 +294,10 @@ class AViT(Method):
     def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:
         """ponder_weight · mean ρ over tokens and batch; distr_weight · KL(prior ‖ q).
 
-        q_l = mean halting score h (before the last block's forcing) over the tokens that ran
-        block l, over the whole batch; normalised to sum 1 and clamped to [0.01, 0.99] as the
-        official code. KL(prior ‖ q) = Σ_l prior_l (log prior_l − log q_l): the official
+        q_l = mean halting score h (before the last block's forcing) over all tokens of the batch,
+        a halted token counting 0 (the official code's mean over tokens, without its batch slicing
+        defect), so q describes where tokens halt; normalised to sum 1 and clamped to [0.01, 0.99]
+        as the official code. KL(prior ‖ q) = Σ_l prior_l (log prior_l − log q_l): the official
         direction (`F.kl_div(q.log(), prior)`), mass-covering, so q must put halting mass
         wherever the prior does; summed over blocks (the true KL).
         """

@@ -88,6 +88,8 @@ class TokenState:
         """
         if self.key_mask is not None:
             keep = keep & self.key_mask
+        if self.batch_size == 1:  # nothing to pad: a plain index, no sort and no mask
+            return self.gather(keep[0].nonzero().T).replace(key_mask=None)
         counts = keep.sum(dim=1)
         width = int(counts.max())
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
