@@ -40,6 +40,8 @@ def test_named_suite_runs_seeds_and_tests(tmp_path, capsys, checkpoints, image_f
     assert rows["Multi-Crop"]["rel_flops"] == pytest.approx(5.0)
     assert 0 <= abs_row["mcnemar_seed0"]["p_value"] <= 1
     assert "| ABS (α = 0.3) | 2 |" in (tmp_path / "out" / "test.md").read_text()
+    png = (tmp_path / "out" / "test_pareto.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
 def test_suite_file_entries_use_their_own_checkpoints(tmp_path, capsys, checkpoints, image_folder):

@@ -263,6 +263,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .data import EvalTransform, ImageFolder, subset_indices
     from .eval.machine import describe_machine, machine_info
     from .eval.suite import load_suite, run_suite, suite_table
+    from .report import save_pareto
     from .models import load_model
 
     out_dir = ensure_writable_dir(args.out)
@@ -286,6 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table = suite_table(result)
         header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"
         write_text(out_dir / f"{split}.md", header + table)
+        save_pareto(result["rows"], out_dir / f"{split}_pareto.png", title=f"{args.suite} — {split}, {len(indices)} images, {model.info.name}")
         print(f"\n## {split}\n{table}")
     report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine, "splits": results}
     if len(results) > 1:
