@@ -99,16 +99,11 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=0.1, train_limit=10000, eval_limit=1000, final_eval_limit=1000, save_every_steps=20,
         freeze=["model."], method="abs", method_options={"alpha": 0.2, "score": "entropy"},
     ),
-    # Fine-tune the reference model as A-ViT (halting on channel 0; pick --target-depth): one pass
-    # over a fixed 8000-image subset, batch 64 = 125 steps (~5 min on 2 idle CPU cores). The paper
-    # fine-tunes 100 epochs of ImageNet; for this tiny schedule the ponder weight is 10x the
-    # official 5e-4, and the prior weight 1e-2 on our true KL (a normalised prior, summed over
-    # blocks) is about 37x the official 1e-3 on its unnormalised prior averaged over 12 blocks.
-    "avit_cifar10": Recipe(
-        name="avit_cifar10", arch=VIT_TINY_P4, epochs=1, batch_size=64, lr=1e-4, min_lr=1e-6, warmup_lr=1e-6,
-        warmup_epochs=0.05, train_limit=8000, eval_limit=500, final_eval_limit=1000, save_every_steps=25,
-        method="avit", method_options={"ponder_weight": 5e-3, "distr_weight": 1e-2},
-    ),
+    # A-ViT (halting on channel 0; pick --target-depth) on the shared fine-tuning budget below.
+    # The paper fine-tunes 100 epochs of ImageNet; for this tiny schedule the ponder weight is
+    # 10x the official 5e-4, and the prior weight 1e-2 on our true KL (a normalised prior, summed
+    # over blocks) is about 37x the official 1e-3 on its unnormalised prior averaged over 12 blocks.
+    "avit_cifar10": _finetune("avit_cifar10", "avit", method_options={"ponder_weight": 5e-3, "distr_weight": 1e-2}),
     # Fine-tuning the reference for token reduction. One shared budget, so methods compare
     # fairly: a fixed 10 000-image training subset, one pass at batch 64 (156 steps, about 6 min
     # on 2 idle CPU cores), the reference's augmentation, backbone lr 1e-4 (SPOT's 1e-3 at batch

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
 from ..errors import CheckpointError, ConfigError
 from ..eval.evaluate import predict
-from ..eval.metrics import summarize
+from ..eval.cost import dense_macs
 from ..io import atomic_path, ensure_writable_dir
 from ..methods import build_method
 from ..methods.base import run_teacher
@@ -133,7 +133,7 @@ class Trainer:
         indices = subset_indices(len(self.test_set), limit, seed=0)
         pred = predict(self.method, self.test_set, indices, batch_size=256, workers=self.workers, device=self.device, progress=False)
         self.method.train()
-        return {**summarize(pred.logits, pred.labels), "eval_images": len(indices)}
+        return {**pred.summary(dense_macs(self.method.base_cfg)), "eval_images": len(indices)}
 
     def fit(self, stop_at_step: int | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult | None:
         """Train to the end (or to `stop_at_step`, for tests), checkpointing as it goes."""
