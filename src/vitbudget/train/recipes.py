@@ -94,11 +94,16 @@ RECIPES: dict[str, Recipe] = {
     ),
     # ABS "tuned": train only the extra block (a copy of the last block) with the backbone frozen,
     # one pass over a fixed 10 000-image training subset at the reference's augmentation.
-    "abs_tune": Recipe(
-        name="abs_tune", arch=VIT_TINY_P4, epochs=1, batch_size=128, lr=3e-4, min_lr=1e-6, warmup_lr=1e-6,
-        warmup_epochs=0.1, train_limit=10000, eval_limit=1000, final_eval_limit=1000, save_every_steps=20,
-        freeze=["model."], method="abs", method_options={"alpha": 0.2, "score": "entropy"},
-    ),
+    # `depth_tune` is the same budget for uniform depth's extra block: the control that separates
+    # selective refinement from simply training one more block.
+    **{
+        name: Recipe(
+            name=name, arch=VIT_TINY_P4, epochs=1, batch_size=128, lr=3e-4, min_lr=1e-6, warmup_lr=1e-6,
+            warmup_epochs=0.1, train_limit=10000, eval_limit=1000, final_eval_limit=1000, save_every_steps=20,
+            freeze=["model."], method=method, method_options=options,
+        )
+        for name, method, options in [("abs_tune", "abs", {"alpha": 0.2, "score": "entropy"}), ("depth_tune", "depth", {})]
+    },
     # A-ViT (halting on channel 0; pick --target-depth) on the shared fine-tuning budget below.
     # The paper fine-tunes 100 epochs of ImageNet; for this tiny schedule the ponder weight is
     # 10x the official 5e-4, and the prior weight 1e-2 on our true KL (a normalised prior, summed
