@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from vitbudget import DataError
+from vitbudget import ConfigError, DataError
 from vitbudget.data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices, unpack
 from vitbudget.models import Preprocess
 
@@ -84,3 +84,22 @@ def test_grayscale_images_become_rgb(tmp_path):
     d.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(d / "x.png")
     assert ImageFolder(tmp_path / "g", "test", EvalTransform(8, Preprocess()))[0][0].shape == (3, 8, 8)
+
+
+def test_flip_only_augmentation_keeps_every_pixel(image_folder):
+    """Counting recipes flip but never crop: each sample is the image or its mirror, never shifted."""
+    from vitbudget.train import get_recipe
+
+    pre = Preprocess(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    plain = ImageFolder(image_folder, "train", EvalTransform(32, pre))
+    flipped = ImageFolder(image_folder, "train", PadCropFlip(32, pre, padding=0))
+    seen = set()
+    for i in range(len(plain)):
+        x, y = plain[i][0], flipped[i][0]
+        mirrored = torch.equal(y, x.flip(-1))
+        assert mirrored or torch.equal(y, x)
+        seen.add(mirrored)
+    assert seen == {True, False}
+    assert get_recipe("count_vit_p4").augment == "flip"
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        get_recipe("smoke", augment="rotate")

@@ -63,7 +63,9 @@ class Trainer:
         self.model = model
         pre = model.info.preprocess
         size = model.cfg.img_size
-        train_tf = PadCropFlip(size, pre) if recipe.augment == "pad_crop_flip" else EvalTransform(size, pre)
+        train_tf = {
+            "pad_crop_flip": PadCropFlip(size, pre), "flip": PadCropFlip(size, pre, padding=0), "none": EvalTransform(size, pre),
+        }[recipe.augment]
         self.train_set = ImageFolder(data, "train", train_tf)
         self.test_set = ImageFolder(data, "test", EvalTransform(size, pre))
         if len(self.train_set.classes) != model.cfg.num_classes:
