@@ -15,7 +15,7 @@ from vitbudget.eval.cost import (
     macs_per_image,
 )
 from vitbudget.methods import AViT, Method, build_method, load_method, save_method
-from vitbudget.methods.avit import _average_widths
+from vitbudget.methods.avit import _average_widths, halting_depth
 from vitbudget.models import ViTConfig
 from vitbudget.train import Trainer, get_recipe
 
@@ -106,18 +106,18 @@ def test_removing_equals_dense_and_batched_equals_one_by_one():
     x = images(8, seed=3)
     with torch.no_grad():
         out, ref = removing(x), dense(x)
-        depth = out.record.aux["avit_depth"]
+        depth = halting_depth(out.record)
         assert len(set(depth[:, 0].tolist())) > 1, "CLS should finish at different blocks in this batch"
         assert len({tuple(d.tolist()) for d in depth}) == 8
         assert torch.allclose(out.logits, ref.logits, atol=1e-5)
-        assert torch.equal(depth, ref.record.aux["avit_depth"])
+        assert torch.equal(depth, halting_depth(ref.record))
         assert torch.equal(torch.stack(out.record.attn_tokens), torch.stack(ref.record.attn_tokens))
         assert torch.equal(macs_per_image(model.cfg, out.record), macs_per_image(model.cfg, ref.record))
         assert ref.record.attn_width == [17] * 6  # dense ran every token
         for i in range(8):
             alone = removing(x[i : i + 1])
             assert torch.allclose(alone.logits[0], out.logits[i], atol=1e-5)
-            assert torch.equal(alone.record.aux["avit_depth"][0], depth[i])
+            assert torch.equal(halting_depth(alone.record)[0], depth[i])
             assert [int(t[0]) for t in alone.record.attn_tokens] == [int(t[i]) for t in out.record.attn_tokens]
     # executed FLOPs: padding and finished images accounted for, never below the real ones
     assert executed_macs_per_image(model.cfg, out.record) >= float(macs_per_image(model.cfg, out.record).mean()) - 1e-3
@@ -165,7 +165,7 @@ def test_a_halted_token_contributes_nothing(dense):
             finally:
                 for handle in handles:
                     handle.remove()
-    assert ref.record.aux["avit_depth"][:, 5].tolist() == [1.0, 1.0]
+    assert halting_depth(ref.record)[:, 5].tolist() == [1.0, 1.0]
     assert [int(t[0]) for t in ref.record.attn_tokens] == [17, 16, 16, 16]
 
 
@@ -186,7 +186,7 @@ def test_ponder_and_kl_losses_by_hand():
     assert torch.allclose(aux["avit_ponder"].double(), torch.tensor(ponders).double().expand(2, -1), atol=1e-5)
     assert aux["avit_halt_depth"].tolist() == [list(depths)] * 2
     # executed blocks: CLS finishes after block 3, so nothing runs in block 4
-    assert aux["avit_depth"][0].tolist() == [min(d, 3) for d in depths]
+    assert halting_depth(out.record)[0].tolist() == [min(d, 3) for d in depths]
     # q_l: raw scores of the tokens running into block l, averaged over all 17 tokens; prior over blocks 1..4
     q = [sum(v for v, d in zip(hs, depths) if d >= block) / 17 for block in range(1, 5)]
     q = [min(max(v / sum(q), 0.01), 0.99) for v in q]
@@ -212,7 +212,7 @@ def test_flops_follow_halting_depths_per_image():
     x = images(6, seed=5)
     with torch.no_grad():
         out = method(x)
-    depth = out.record.aux["avit_depth"]
+    depth = halting_depth(out.record)
     per_block = torch.stack(out.record.attn_tokens)  # (depth, B)
     assert torch.equal(per_block.sum(0).double(), depth.sum(1).double())  # token-blocks = sum of depths
     for block in range(4):
@@ -236,7 +236,7 @@ def test_cls_halting_ends_the_image():
     assert [t.tolist() for t in out.record.attn_tokens] == [[17] * 3, [16] * 3, [0] * 3, [0] * 3]
     assert out.record.attn_width == [17, 16, 0, 0]
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)
-    assert out.record.aux["avit_depth"].max() == 2.0
+    assert halting_depth(out.record).max() == 2.0
 
 
 def test_batch_shrinks_when_some_images_finish():
@@ -246,7 +246,7 @@ def test_batch_shrinks_when_some_images_finish():
     x = images(8, seed=3)
     with torch.no_grad():
         out = method(x)
-    cls_depth = out.record.aux["avit_depth"][:, 0]
+    cls_depth = halting_depth(out.record)[:, 0]
     first = int(cls_depth.min())
     assert first < 6 and (cls_depth > first).any()
     assert isinstance(out.record.attn_width[first], float)  # a sub-batch ran block first+1

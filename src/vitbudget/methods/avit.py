@@ -31,8 +31,9 @@ Two executions of the same function:
 Both give the same logits (up to float reassociation in attention) and the same ExecutionRecord
 token counts: a token is counted in a block if it is running there and its image's CLS is still
 running — what the removing path executes and what FLOPs A-ViT reports. The dense path's widths
-show that it ran all N tokens. `record.aux["avit_depth"]` holds, per original token (prefix
-first), the number of blocks it executed; `token_map` draws it per patch.
+show that it ran all N tokens. `halting_depth(record)` gives, per original token (prefix first),
+the number of blocks it executed (built on demand: the removing path only keeps what each block
+ran); `token_map` draws it per patch.
 
 Differences from the official code, on purpose: halted tokens contribute exactly nothing (the
 official zeroes them, and LayerNorm then emits its bias: issue #13); the halting distribution q
@@ -105,14 +106,21 @@ def _select_images(state: TokenState, rows: Tensor) -> TokenState:
     return state.replace(**changes, extras=extras)
 
 
-def _depth_map(trace: list[tuple[Tensor | None, Tensor, Tensor | None]], batch: int, tokens: int) -> Tensor:
-    """(batch, tokens) blocks each original token ran, from what every block ran: one bincount."""
-    flat = []
-    for active, pos, key_mask in trace:
-        rows = torch.arange(batch, device=pos.device) if active is None else active
-        index = rows[:, None] * tokens + pos
-        flat.append(index.reshape(-1) if key_mask is None else index[key_mask])
-    return torch.bincount(torch.cat(flat), minlength=batch * tokens).view(batch, tokens)
+def halting_depth(record: ExecutionRecord) -> Tensor:
+    """(B, N) blocks each original token executed (prefix first), from an A-ViT run's record.
+
+    The dense path records it directly; the removing path keeps, per block, which images and
+    token positions ran, and the map is one bincount over those, built only when asked for.
+    """
+    if "avit_depth" not in record.aux:
+        trace, tokens = record.aux["avit_trace"]
+        batch, flat = record.batch_size, []
+        for active, pos, key_mask in trace:
+            rows = torch.arange(batch, device=pos.device) if active is None else active
+            index = rows[:, None] * tokens + pos
+            flat.append(index.reshape(-1) if key_mask is None else index[key_mask])
+        record.aux["avit_depth"] = torch.bincount(torch.cat(flat), minlength=batch * tokens).view(batch, tokens)
+    return record.aux["avit_depth"]
 
 
 def _average_widths(width: int, active: int, batch: int, dim: int) -> tuple[float, float]:
@@ -209,7 +217,7 @@ class AViT(Method):
         if self.training:
             with torch.no_grad():
                 self.halt_counts += torch.stack(halted_per_block).to(self.halt_counts)
-        record.aux.update(avit_depth=executed.to(x.dtype), avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
+        record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
         return self._finish(acc, record)
 
     # -- removing: inference --
@@ -219,7 +227,7 @@ class AViT(Method):
         The loop keeps its bookkeeping to a few small ops per block (at batch 1 a block of this
         model takes about 1 ms, so overhead would eat the savings): `c` and each token's original
         position travel with the tokens as extras, and the per-token depth map is built once at
-        the end from the positions each block ran (`_depth_map`).
+        the end, on demand, from the positions each block ran (`halting_depth`).
         """
         model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
         gamma, beta = self.options.gamma, self.options.beta
@@ -241,25 +249,22 @@ class AViT(Method):
             out = state.x
             cls = out[:, 0]
             if i == depth - 1:  # everything halts; CLS contributes its remainder
-                acc = torch.addcmul(acc, cls, R[:, None])
+                acc.addcmul_(cls, R[:, None])
                 output = acc if active is None else output.index_copy(0, active, acc)
                 break
-            h = (out[..., 0] * gamma).sub_(beta).sigmoid_()
-            c = state.extras["avit_c"] + h
-            halt = c >= threshold
-            if state.key_mask is not None:
-                halt &= state.key_mask
-            hc = h[:, 0]
-            if not bool(halt.any()):  # the common case: nothing to do beyond the CLS sum
-                acc = torch.addcmul(acc, cls, hc[:, None])
-                R = R - hc
-                state.extras["avit_c"] = c  # safe in place: this loop made the dict (initial state, compact)
+            # In place and few ops: at batch 1 each small op costs ~10 us, a block ~1 ms.
+            # `c` and `acc`/`R` are this loop's own tensors (made here, by compact or by selection).
+            h = out[..., 0].mul(gamma).sub_(beta).sigmoid_()
+            c = state.extras["avit_c"].add_(h)  # padding holds -inf (below), so it never halts
+            if float(c.max()) < threshold:  # the common case: nothing halts, only the CLS sum moves
+                acc.addcmul_(cls, h[:, :1])
+                R.sub_(h[:, 0])
                 continue
-            halt_cls = halt[:, 0]
-            acc = torch.addcmul(acc, cls, torch.where(halt_cls, R, hc)[:, None])
-            R = R - hc
+            halt = c >= threshold
+            halt_cls, hc = halt[:, 0], h[:, 0]
+            acc.addcmul_(cls, torch.where(halt_cls, R, hc)[:, None])
+            R.sub_(hc)
             keep = ~halt & ~halt_cls[:, None]  # a finished CLS takes its image's tokens with it
-            state = state.replace(extras={**state.extras, "avit_c": c})
             if bool(halt_cls.any()):
                 done, rows = halt_cls.nonzero().squeeze(1), (~halt_cls).nonzero().squeeze(1)
                 full = torch.arange(B, device=x.device) if active is None else active
@@ -275,7 +280,9 @@ class AViT(Method):
                 active, acc, R, keep = full[rows], acc[rows], R[rows], keep[rows]
                 state = _select_images(state, rows)
             state = state.compact(keep)
-        record.aux["avit_depth"] = _depth_map(trace, B, N).to(x.dtype)
+            if state.key_mask is not None:
+                state.extras["avit_c"] = state.extras["avit_c"].masked_fill(~state.key_mask, float("-inf"))
+        record.aux["avit_trace"] = (trace, N)
         return self._finish(output, record)
 
     def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
@@ -313,9 +320,9 @@ class AViT(Method):
         return {"ponder": self.options.ponder_weight * aux["avit_ponder"].mean(), "distr": self.options.distr_weight * kl}
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
-        depth = out.record.aux.get("avit_depth")
-        if depth is None:
+        if "avit_depth" not in out.record.aux and "avit_trace" not in out.record.aux:
             return None
+        depth = halting_depth(out.record)
         p = self.model.num_prefix_tokens
         return TokenMap(values=depth[:, p:].float().cpu(), label="blocks executed (halting depth)", vmin=1.0, vmax=float(self.depth))
 

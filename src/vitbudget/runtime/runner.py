@@ -66,6 +66,16 @@ class ExecutionRecord:
     mlp_width: list[int] = field(default_factory=list)
     extra_macs: Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
+    _counts: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict, repr=False)
+
+    def tokens_of(self, state: TokenState) -> Tensor:
+        """(B,) real tokens of `state`; unpadded widths share one cached tensor (no op per block)."""
+        if state.key_mask is not None:
+            return state.key_mask.sum(dim=1)
+        key = (state.width, state.x.device)
+        if key not in self._counts:
+            self._counts[key] = state.num_tokens()
+        return self._counts[key]
 
     def add_macs(self, macs: Tensor | float) -> None:
         macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
@@ -87,11 +97,14 @@ def run_block(block: nn.Module, index: int, state: TokenState, hooks: Hooks, rec
         block.attn, block.norm1(state.x), key_mask=state.key_mask, bias=bias, policy=state.policy,
         need_probs=need_probs, need_keys=need_keys,
     )
-    record.attn_tokens.append(state.num_tokens())  # stays on device: no sync per block
+    tokens = record.tokens_of(state)
+    record.attn_tokens.append(tokens)  # stays on device: no sync per block
     record.attn_width.append(state.width)
     state = state.replace(x=state.x + block.drop_path1(block.ls1(attn_out)))
-    state = hooks.after_attention(index, state, info, record)
-    record.mlp_tokens.append(state.num_tokens())
+    after = hooks.after_attention(index, state, info, record)
+    same = after.x.shape == state.x.shape and after.key_mask is state.key_mask
+    state = after
+    record.mlp_tokens.append(tokens if same else record.tokens_of(state))
     record.mlp_width.append(state.width)
     x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
     return hooks.after_block(index, state.replace(x=x), info, record)
