@@ -53,13 +53,15 @@ def test_suite_file_entries_use_their_own_checkpoints(tmp_path, capsys, checkpoi
         {"label": "EViT", "method": "evit", "options": {"rho": 0.5, "stages": "1"}},
         {"label": "Other baseline", "method": "baseline", "model": str(dyn)},
     ]}))
-    code, captured = bench(capsys, tmp_path, plain, image_folder, "--suite", str(suite), "--seeds", "1", "--limit", "8")
+    code, captured = bench(capsys, tmp_path, plain, image_folder, "--suite", str(suite), "--seeds", "1", "--limit", "8",
+                           "--latency-repeats", "3", "--throughput-repeats", "2")
     assert code == 0, captured.err
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["splits"]["test"]["rows"]
     assert rows["DynamicViT"]["rel_flops"] < 1 and rows["EViT"]["rel_flops"] < 1
     # the second checkpoint really was loaded: another backbone gives other predictions than --model's
     assert rows["Other baseline"]["per_seed"][0]["nll"] != rows["Baseline"]["per_seed"][0]["nll"]
     assert rows["DynamicViT"]["throughput_ratio"] > 0 and rows["Baseline"]["latency_b1_ms"] > 0
+    assert rows["EViT"]["speed_repeats"] == {"latency": 3, "throughput": 2}
 
 
 @pytest.mark.parametrize("content, message", [

@@ -49,8 +49,9 @@ def test_eval_writes_results(tmp_path, capsys, tiny_checkpoint, image_folder):
         (["--limit", "0"], "--limit must be positive"),
         (["--out", "{file}/sub"], "not writable"),
         (["--model", "{mismatch}"], "does not match the architecture"),
+        (["--latency-repeats", "0"], "--latency-repeats and --throughput-repeats must be positive"),
     ],
-    ids=["missing-model", "corrupt-model", "missing-data", "empty-data", "bad-limit", "unwritable-out", "mismatched-arch"],
+    ids=["missing-model", "corrupt-model", "missing-data", "empty-data", "bad-limit", "unwritable-out", "mismatched-arch", "bad-repeats"],
 )
 def test_eval_bad_input_one_clear_message(tmp_path, capsys, tiny_checkpoint, image_folder, args, message):
     bad = tmp_path / "bad.safetensors"

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     ev.add_argument("--method", action="append", default=None, choices=sorted(METHODS), help="method to evaluate; repeat for several (the baseline is always included)")
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
+    ev.add_argument("--latency-repeats", type=int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
+    ev.add_argument("--throughput-repeats", type=int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _method_option_flags(ev)
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
     be.add_argument("--device", default="cpu", help="torch device (default cpu)")
     be.add_argument("--no-speed", action="store_true", help="skip latency and throughput")
+    be.add_argument("--latency-repeats", type=int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
+    be.add_argument("--throughput-repeats", type=int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     be.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -212,6 +216,11 @@ def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None and k[4:] in fields}
 
 
+def _check_repeats(args: argparse.Namespace) -> None:
+    if args.latency_repeats <= 0 or args.throughput_repeats <= 0:
+        raise ConfigError(f"--latency-repeats and --throughput-repeats must be positive, got {args.latency_repeats}, {args.throughput_repeats}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import EvalTransform, ImageFolder, subset_indices
     from .eval.evaluate import evaluate, predictions_arrays
@@ -219,6 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .report import results_table
 
+    _check_repeats(args)
     out_dir = ensure_writable_dir(args.out)
     model_path = _resolve(args.model, DEFAULT_MODEL, "model")
     data_path = _resolve(args.data, DEFAULT_DATA, "data")
@@ -241,7 +251,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset has {len(dataset.classes)} classes but the model only {model.cfg.num_classes} outputs")
     indices = subset_indices(len(dataset), args.limit)
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
-                              device=args.device, speed=not args.no_speed, progress=not args.quiet)
+                              device=args.device, speed=not args.no_speed, progress=not args.quiet,
+                              latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
     report = {
         "command": "vitbudget " + shlex.join(sys.argv[1:]),
         "model": {"path": str(model_path), "name": model.info.name, "config": model.cfg.to_dict()},
@@ -266,6 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .report import save_pareto
     from .models import load_model
 
+    _check_repeats(args)
     out_dir = ensure_writable_dir(args.out)
     if args.seeds <= 0:
         raise ConfigError(f"--seeds must be positive, got {args.seeds}")
@@ -282,7 +294,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for split, dataset in datasets.items():
         indices = subset_indices(len(dataset), args.limit)
         result = run_suite(entries, model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
-                           workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet)
+                           workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet,
+                           latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
         results[split] = result
         table = suite_table(result)
         header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"

@@ -74,6 +74,7 @@ def measure_speed(
             f"throughput_b{len(batch)}": thr[name]["images_per_s"],
             "throughput_ratio": 1 / thr[name]["time_ratio"] if "time_ratio" in thr[name] else None,
             "throughput_batch": len(batch),
+            "speed_repeats": {"latency": latency_repeats, "throughput": throughput_repeats},
         }
     return out
 
@@ -81,6 +82,7 @@ def measure_speed(
 def evaluate(
     methods: dict[str, Method], dataset, indices: Sequence[int], *, batch_size: int = 256, workers: int | None = None,
     device: torch.device | str = "cpu", speed: bool = True, progress: bool = True, baseline: str | None = None,
+    latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Predictions]]:
     """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default)."""
     baseline = baseline or next(iter(methods))
@@ -90,7 +92,8 @@ def evaluate(
         preds[name] = pred
         results[name] = {**method.describe(), **pred.summary(dense_macs(method.base_cfg))}
     if speed:
-        for name, entry in measure_speed(methods, dataset, indices, device, baseline=baseline).items():
+        for name, entry in measure_speed(methods, dataset, indices, device, latency_repeats=latency_repeats,
+                                         throughput_repeats=throughput_repeats, baseline=baseline).items():
             results[name].update(entry)
     if baseline in preds:
         for name, pred in preds.items():

@@ -110,6 +110,7 @@ def load_suite(name_or_path: str) -> list[SuiteEntry]:
 def run_suite(
     entries: Sequence[SuiteEntry], model_path: str | os.PathLike, dataset, indices: Sequence[int], *, seeds: Sequence[int] = (0,),
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
+    latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> dict[str, Any]:
     """Every entry on the same images; the first entry is the reference for ratios and tests."""
     rows: dict[str, dict[str, Any]] = {}
@@ -138,7 +139,8 @@ def run_suite(
         row["mcnemar_seed0"] = metrics.mcnemar(correct[label][0], correct[reference][0])
         row["top1_gain"] = row["top1_mean"] - rows[reference]["top1_mean"]
     if speed:
-        for label, entry in measure_speed(speed_methods, dataset, indices, device, baseline=reference).items():
+        for label, entry in measure_speed(speed_methods, dataset, indices, device, latency_repeats=latency_repeats,
+                                          throughput_repeats=throughput_repeats, baseline=reference).items():
             rows[label].update(entry)
         ref_ms = rows[reference]["latency_b1_ms"]
         for label, row in rows.items():
