@@ -49,15 +49,27 @@ def test_removed_tokens_lower_flops_as_counted():
     assert executed_macs_per_image(cfg, out.record) == pytest.approx(float(ours[0]))
 
 
-def test_padding_is_reported_separately():
+@pytest.mark.parametrize("packed", [True, False])
+def test_padding_is_reported_separately_and_executed_flops_are_what_ran(monkeypatch, packed):
+    """Real FLOPs count each image's own tokens; executed FLOPs what the hardware ran, as FlopCounterMode sees it:
+    packed, the projections and MLP run on real tokens and only the attention product on the padded width."""
+    import vitbudget.runtime.runner as runner
+
+    if not packed:
+        monkeypatch.setattr(runner, "PACK_MIN_PADDING", 1.1)
     cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
     model = make_model(cfg)
     keep = torch.ones(2, 17, dtype=torch.bool)
     keep[1, 5:] = False
-    _, out = counted_flops(model, torch.randn(2, 3, 32, 32), DropPerImage(1, keep, "remove"))
+    counted, out = counted_flops(model, torch.randn(2, 3, 32, 32), DropPerImage(1, keep, "remove"))
     per_image = macs_per_image(cfg, out.record)
+    executed = executed_macs_per_image(cfg, out.record)
     assert per_image[1] < per_image[0]
-    assert executed_macs_per_image(cfg, out.record) == pytest.approx(float(per_image[0]))  # both ran 17 wide
+    assert counted == pytest.approx(2 * 2 * executed, rel=1e-9)  # the counter counts a MAC as 2 FLOPs, over 2 images
+    if packed:
+        assert float(per_image.mean()) < executed < float(per_image[0])
+    else:
+        assert executed == pytest.approx(float(per_image[0]))  # both ran 17 wide
 
 
 def test_method_overhead_is_added():

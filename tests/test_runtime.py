@@ -70,7 +70,28 @@ def test_padded_batch_equals_one_by_one(tiny_model):
             assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-5)
     assert out.record.attn_tokens[0].tolist() == [17] * 6
     assert out.record.attn_tokens[1].tolist() == keep.sum(1).tolist()
-    assert out.record.attn_width[1] == int(keep.sum(1).max())
+    assert out.record.core_width[1] == int(keep.sum(1).max())  # the attention product is padded
+    assert out.record.attn_width[1] == pytest.approx(keep.sum(1).float().mean())  # projections and MLP run packed
+    assert out.record.mlp_width[1] == pytest.approx(keep.sum(1).float().mean())
+
+
+@pytest.mark.parametrize("hooks", ["plain", "needs_probs"])
+def test_packed_block_equals_padded_block(tiny_model, monkeypatch, hooks):
+    """Per-token layers on packed real tokens give the padded computation's real tokens, probabilities too."""
+    import vitbudget.runtime.runner as runner
+
+    x = torch.randn(5, 3, 32, 32)
+    keep = random_keep(5, 17, seed=3)
+    class Drop(DropPerImage, NeedsProbs if hooks == "needs_probs" else Hooks):
+        pass
+    with torch.no_grad():
+        packed = run(tiny_model, x, Drop(1, keep, "remove"))
+        monkeypatch.setattr(runner, "PACK_MIN_PADDING", 1.1)  # never pack
+        padded = run(tiny_model, x, Drop(1, keep, "remove"))
+    assert packed.record.attn_width[1] < padded.record.attn_width[1] == int(keep.sum(1).max())
+    assert torch.allclose(packed.logits, padded.logits, atol=1e-5)
+    real = packed.state.key_mask
+    assert torch.allclose(packed.state.x[real], padded.state.x[real], atol=1e-5)
 
 
 def test_removal_equals_masking_for_the_same_hard_mask(tiny_model):

@@ -14,9 +14,19 @@ from ..models.config import ViTConfig
 from ..runtime.runner import ExecutionRecord
 
 
+def projection_macs(n: Tensor | float, dim: int) -> Tensor | float:
+    """qkv and output projections of attention on n tokens: 4·N·D²."""
+    return 4 * n * dim**2
+
+
+def attention_core_macs(n: Tensor | float, dim: int) -> Tensor | float:
+    """The two N×N products (scores and weighted values) over all heads: 2·N²·D."""
+    return 2 * n**2 * dim
+
+
 def attention_macs(n: Tensor | float, dim: int) -> Tensor | float:
     """qkv + proj projections (4·N·D²) and the two N×N products (2·N²·D)."""
-    return 4 * n * dim**2 + 2 * n**2 * dim
+    return projection_macs(n, dim) + attention_core_macs(n, dim)
 
 
 def mlp_macs(n: Tensor | float, dim: int, hidden: int) -> Tensor | float:
@@ -54,8 +64,9 @@ def macs_per_image(cfg: ViTConfig, record: ExecutionRecord) -> Tensor:
 def executed_macs_per_image(cfg: ViTConfig, record: ExecutionRecord) -> float:
     """FLOPs per image the hardware ran, padding included (equals macs_per_image without padding)."""
     total = stem_macs(cfg)
-    for attn_width, mlp_width in zip(record.attn_width, record.mlp_width):
-        total += float(attention_macs(float(attn_width), cfg.embed_dim)) + float(mlp_macs(float(mlp_width), cfg.embed_dim, cfg.mlp_hidden))
+    for attn_width, core_width, mlp_width in zip(record.attn_width, record.core_width, record.mlp_width, strict=True):
+        total += projection_macs(float(attn_width), cfg.embed_dim) + attention_core_macs(float(core_width), cfg.embed_dim)
+        total += mlp_macs(float(mlp_width), cfg.embed_dim, cfg.mlp_hidden)
     if record.extra_macs is not None:
         total += float(record.extra_macs.mean())
     return total

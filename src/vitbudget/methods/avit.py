@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -123,17 +124,6 @@ def halting_depth(record: ExecutionRecord) -> Tensor:
     return record.aux["avit_depth"]
 
 
-def _average_widths(width: int, active: int, batch: int, dim: int) -> tuple[float, float]:
-    """Per-image (attention, MLP) widths of a block run by `active` of `batch` images at `width`.
-
-    `executed_macs_per_image` reads one width per block for the whole batch; finished images
-    ran nothing. The MLP is linear in the width; for attention (4·n·D² + 2·n²·D) we return the n
-    whose cost is active/batch of the cost at `width`, so executed FLOPs stay exact.
-    """
-    frac = active / batch
-    return -dim + math.sqrt(dim * dim + frac * (width * width + 2 * width * dim)), frac * width
-
-
 class AViT(Method):
     """Adaptive token halting; `forward` removes halted tokens in eval mode, masks them in training."""
 
@@ -195,7 +185,9 @@ class AViT(Method):
                 key_mask = None
             else:  # halted tokens are no keys; an image with nothing running keeps all (its rows are discarded)
                 key_mask = running | ~running.any(dim=1, keepdim=True)
-            out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record).x
+            # training packs the running tokens (same maths, less work); dense inference computes
+            # every token as the official code does, to show what that costs
+            out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record, pack=self.training).x
             counts = needed.sum(dim=1)
             record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
             h_raw = self.halting_score(out)
@@ -229,6 +221,8 @@ class AViT(Method):
         position travel with the tokens as extras, and the per-token depth map is built once at
         the end, on demand, from the positions each block ran (`halting_depth`).
         """
+        if images.shape[0] == 1 and images.device.type == "cpu" and not torch.is_grad_enabled():
+            return self._forward_single_cpu(images)
         model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
         gamma, beta = self.options.gamma, self.options.beta
         x = model.embed(images)
@@ -274,8 +268,7 @@ class AViT(Method):
                     for _ in range(i + 1, depth):
                         record.attn_tokens.append(zeros)
                         record.mlp_tokens.append(zeros)
-                        record.attn_width.append(0)
-                        record.mlp_width.append(0)
+                        record.add_widths(0, 0, 0)
                     break
                 active, acc, R, keep = full[rows], acc[rows], R[rows], keep[rows]
                 state = _select_images(state, rows)
@@ -285,16 +278,65 @@ class AViT(Method):
         record.aux["avit_trace"] = (trace, N)
         return self._finish(output, record)
 
+    def _forward_single_cpu(self, images: Tensor) -> RunOutput:
+        """`forward_removing` for one image on the CPU, its ACT bookkeeping in NumPy.
+
+        At batch 1 a block of the 32-px model takes ~1.5 ms and every small torch op ~10-20 us, so
+        the removing loop's per-token arithmetic (scores, cumulative sums, thresholds, indices:
+        a few dozen numbers per block) would eat much of what removal saves. Here it costs ~1 us a
+        step. The halting score goes through the same torch sigmoid as the batched path, and the
+        float32 sums are the same IEEE operations, so halting decisions are identical.
+        """
+        model, depth, threshold = self.model, self.depth, np.float32(1.0 - self.options.eps)
+        gamma, beta = self.options.gamma, self.options.beta
+        x = model.embed(images)
+        N = x.shape[1]
+        state = TokenState.initial(x, model.num_prefix_tokens)
+        record = ExecutionRecord(batch_size=1)
+        pos = np.arange(N)  # original position of each current token
+        c = np.zeros(N, dtype=np.float32)
+        acc, R = x.new_zeros(x.shape[-1]), np.float32(1.0)
+        trace = []
+        for i, block in enumerate(model.blocks):
+            trace.append((None, torch.from_numpy(pos)[None], None))
+            state = run_block(block, i, state, NO_HOOKS, record)
+            cls = state.x[0, 0]
+            if i == depth - 1:
+                acc.add_(cls, alpha=float(R))
+                break
+            z = state.x[0, :, 0].numpy() * np.float32(gamma) - np.float32(beta)
+            h = torch.sigmoid(torch.from_numpy(z)).numpy()
+            c += h
+            halted = c >= threshold
+            if halted[0]:  # CLS halts: it contributes its remainder and the image is done
+                acc.add_(cls, alpha=float(R))
+                zeros = torch.zeros(1, dtype=torch.long)
+                for _ in range(i + 1, depth):
+                    record.attn_tokens.append(zeros)
+                    record.mlp_tokens.append(zeros)
+                    record.add_widths(0, 0, 0)
+                break
+            acc.add_(cls, alpha=float(h[0]))
+            R = R - h[0]
+            if halted.any():
+                keep = np.flatnonzero(~halted)
+                pos, c = pos[keep], c[keep]
+                state = TokenState(x=state.x.index_select(1, torch.from_numpy(keep)), patch_ids=torch.from_numpy(np.maximum(pos - state.num_prefix, -1))[None],
+                                   num_prefix=state.num_prefix)
+        record.aux["avit_trace"] = (trace, N)
+        return self._finish(acc[None], record)
+
     def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
         """Run a block on the images still in the batch; record per-image counts for the full batch."""
-        scratch = ExecutionRecord(batch_size=len(active))
+        scratch = ExecutionRecord(batch_size=len(active), _packings=record._packings)  # packings live as long as their masks
         state = run_block(block, index, state, NO_HOOKS, scratch)
         zeros = torch.zeros(record.batch_size, dtype=torch.long, device=active.device)
         record.attn_tokens.append(zeros.index_copy(0, active, scratch.attn_tokens[0]))
         record.mlp_tokens.append(zeros.index_copy(0, active, scratch.mlp_tokens[0]))
-        attn_w, mlp_w = _average_widths(state.width, len(active), record.batch_size, self.model.cfg.embed_dim)
-        record.attn_width.append(attn_w)
-        record.mlp_width.append(mlp_w)
+        # widths per image of the full batch, where finished images ran nothing: linear terms scale
+        # with the running fraction f, the N x N products too, hence a core side of sqrt(f) * W
+        f = len(active) / record.batch_size
+        record.add_widths(f * scratch.attn_width[0], math.sqrt(f) * scratch.core_width[0], f * scratch.mlp_width[0])
         return state
 
     # -- training losses and pictures --

@@ -109,6 +109,7 @@ class MultiCrop(Method):
             record.attn_tokens += [t.reshape(self.NUM_CROPS, B)[crop] for t in inner.attn_tokens]
             record.mlp_tokens += [t.reshape(self.NUM_CROPS, B)[crop] for t in inner.mlp_tokens]
             record.attn_width += inner.attn_width
+            record.core_width += inner.core_width
             record.mlp_width += inner.mlp_width
         record.add_macs((self.NUM_CROPS - 1) * stem_macs(self.model.cfg))  # cost.stem_macs counts one stem
         if inner.extra_macs is not None:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .state import Packing
+
 POLICY_EPS = 1e-6
 
 
@@ -41,17 +43,23 @@ def multihead_attention(
     policy: Tensor | None = None,
     need_probs: bool = False,
     need_keys: bool = False,
+    packing: Packing | None = None,
 ) -> tuple[Tensor, AttentionInfo]:
-    """Attention of a timm-layout module on (B, N, C) input.
+    """Attention of a timm-layout module on (B, N, C) input, or on packed (T, C) real tokens.
+
+    packing: `x` holds only the real tokens of a padded batch (see `state.Packing`); qkv and the
+        output projection run on them, the attention product on the padded layout (B, N).
 
     key_mask: (B, N) bool, False marks padding keys nobody may attend to.
     bias: additive (B, 1, 1, N) logit bias (ToMe's proportional attention adds log sizes).
     policy: (B, N) keep mask in [0, 1] for training-mode pruning (DynamicViT's masked softmax):
         kept queries attend only to kept keys, and gradients reach the policy.
     """
-    B, N, _ = x.shape
     num_heads = attn.num_heads
     qkv = attn.qkv(x)
+    if packing is not None:
+        qkv = packing.unpack(qkv)
+    B, N, _ = qkv.shape
     head_dim = qkv.shape[-1] // (3 * num_heads)
     q, k, v = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -73,6 +81,8 @@ def multihead_attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias, dropout_p=dropout_p)
 
     out = out.transpose(1, 2).reshape(B, N, num_heads * head_dim)
+    if packing is not None:
+        out = packing.pack(out)
     norm = getattr(attn, "norm", None)  # timm >= 1.0.x has an (Identity) norm before proj
     if norm is not None:
         out = norm(out)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import AttentionInfo, multihead_attention
-from .state import TokenState
+from .state import Packing, TokenState
 
 
 class Hooks:
@@ -55,18 +55,31 @@ class ExecutionRecord:
     """Tokens each block actually executed, per image, plus method overhead in MACs.
 
     attn_tokens[i] / mlp_tokens[i]: (B,) real tokens in block i's attention / MLP.
-    attn_width[i] / mlp_width[i]: tokens per image including padding (what the hardware ran).
+    What the hardware ran, per image, padding included (floats where a block ran part of the
+    batch or packed tokens): attn_width[i] tokens through qkv and the output projection,
+    core_width[i] the side of the N x N attention products, mlp_width[i] tokens through the MLP.
     extra_macs: (B,) scorers, predictors and extra blocks a method added.
     """
 
     batch_size: int
     attn_tokens: list[Tensor] = field(default_factory=list)
     mlp_tokens: list[Tensor] = field(default_factory=list)
-    attn_width: list[int] = field(default_factory=list)
-    mlp_width: list[int] = field(default_factory=list)
+    attn_width: list[float] = field(default_factory=list)
+    core_width: list[float] = field(default_factory=list)
+    mlp_width: list[float] = field(default_factory=list)
     extra_macs: Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
     _counts: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict, repr=False)
+    _packings: dict[int, tuple[Tensor, Packing]] = field(default_factory=dict, repr=False)
+
+    def add_macs(self, macs: Tensor | float) -> None:
+        macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
+        self.extra_macs = macs.clone() if self.extra_macs is None else self.extra_macs + macs
+
+    def add_widths(self, attn: float, core: float, mlp: float) -> None:
+        self.attn_width.append(attn)
+        self.core_width.append(core)
+        self.mlp_width.append(mlp)
 
     def tokens_of(self, state: TokenState) -> Tensor:
         """(B,) real tokens of `state`; unpadded widths share one cached tensor (no op per block)."""
@@ -77,9 +90,12 @@ class ExecutionRecord:
             self._counts[key] = state.num_tokens()
         return self._counts[key]
 
-    def add_macs(self, macs: Tensor | float) -> None:
-        macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
-        self.extra_macs = macs.clone() if self.extra_macs is None else self.extra_macs + macs
+    def packing_of(self, key_mask: Tensor) -> Packing:
+        """The packing of a key mask, built once while that mask lives (blocks between compactions share it)."""
+        hit = self._packings.get(id(key_mask))
+        if hit is None or hit[0] is not key_mask:
+            hit = self._packings[id(key_mask)] = (key_mask, Packing.of(key_mask))
+        return hit[1]
 
 
 @dataclass
@@ -89,25 +105,54 @@ class RunOutput:
     record: ExecutionRecord
 
 
-def run_block(block: nn.Module, index: int, state: TokenState, hooks: Hooks, record: ExecutionRecord) -> TokenState:
-    """One timm-layout block, with the hooks' attention needs and the token counts recorded."""
+PACK_MIN_PADDING = 1 / 16  # pack when at least this fraction of a padded batch is padding
+
+
+def run_block(
+    block: nn.Module, index: int, state: TokenState, hooks: Hooks, record: ExecutionRecord, *, pack: bool = True,
+) -> TokenState:
+    """One timm-layout block, with the hooks' attention needs and the token counts recorded.
+
+    A padded batch (images kept different counts) runs its per-token layers on the packed real
+    tokens and only the attention product padded, unless a hook acts between attention and
+    MLP (it is handed the padded state), little of the batch is padding, or `pack` is False
+    (padding rows are then computed and discarded, as masked implementations do).
+    """
     need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
+    packing = _packing(state, hooks, record) if pack else None
     bias = None if state.size is None else state.size.log()[:, None, None, :].to(state.x.dtype)
+    x = state.x if packing is None else packing.pack(state.x)
     attn_out, info = multihead_attention(
-        block.attn, block.norm1(state.x), key_mask=state.key_mask, bias=bias, policy=state.policy,
-        need_probs=need_probs, need_keys=need_keys,
+        block.attn, block.norm1(x), key_mask=state.key_mask, bias=bias, policy=state.policy,
+        need_probs=need_probs, need_keys=need_keys, packing=packing,
     )
     tokens = record.tokens_of(state)
     record.attn_tokens.append(tokens)  # stays on device: no sync per block
-    record.attn_width.append(state.width)
-    state = state.replace(x=state.x + block.drop_path1(block.ls1(attn_out)))
+    x = x + block.drop_path1(block.ls1(attn_out))
+    if packing is not None:
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        record.mlp_tokens.append(tokens)
+        width = packing.tokens_per_image
+        record.add_widths(width, state.width, width)
+        return hooks.after_block(index, state.replace(x=packing.unpack(x, into=state.x)), info, record)
+    attn_width = state.width
+    state = state.replace(x=x)
     after = hooks.after_attention(index, state, info, record)
     same = after.x.shape == state.x.shape and after.key_mask is state.key_mask
     state = after
     record.mlp_tokens.append(tokens if same else record.tokens_of(state))
-    record.mlp_width.append(state.width)
+    record.add_widths(attn_width, attn_width, state.width)
     x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
     return hooks.after_block(index, state.replace(x=x), info, record)
+
+
+def _packing(state: TokenState, hooks: Hooks, record: ExecutionRecord) -> Packing | None:
+    if state.key_mask is None or state.policy is not None or type(hooks).after_attention is not Hooks.after_attention:
+        return None
+    packing = record.packing_of(state.key_mask)
+    if packing.rows.numel() > (1 - PACK_MIN_PADDING) * state.key_mask.numel():
+        return None
+    return packing
 
 
 def run(model: nn.Module, images: Tensor, hooks: Hooks | None = None) -> RunOutput:

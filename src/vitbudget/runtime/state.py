@@ -113,3 +113,35 @@ class TokenState:
             ids[~self.key_mask] = num_patches
         out.scatter_(1, ids, values)
         return out[:, :num_patches]
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded (B, W) layout sit among its B*W rows.
+
+    Per-token layers (norms, qkv, proj, MLP: most of a block's FLOPs) run on the packed (T, C)
+    real tokens; only the attention product needs the padded layout. Built once per key mask.
+    """
+
+    rows: Tensor  # (T,) indices into the flattened (B*W) rows
+    batch: int
+    width: int
+
+    @classmethod
+    def of(cls, key_mask: Tensor) -> "Packing":
+        B, W = key_mask.shape
+        return cls(rows=key_mask.reshape(-1).nonzero().squeeze(1), batch=B, width=W)
+
+    @property
+    def tokens_per_image(self) -> float:
+        return self.rows.numel() / self.batch
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, W, C) -> (T, C)."""
+        return x.reshape(self.batch * self.width, -1).index_select(0, self.rows)
+
+    def unpack(self, packed: Tensor, into: Tensor | None = None) -> Tensor:
+        """(T, C) -> (B, W, C): the real rows of `into` (zeros if None) replaced; padding kept."""
+        c = packed.shape[-1]
+        base = packed.new_zeros(self.batch * self.width, c) if into is None else into.reshape(self.batch * self.width, c)
+        return base.index_copy(0, self.rows, packed).view(self.batch, self.width, c)
