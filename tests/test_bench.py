@@ -62,6 +62,10 @@ def test_suite_file_entries_use_their_own_checkpoints(tmp_path, capsys, checkpoi
     assert rows["Other baseline"]["per_seed"][0]["nll"] != rows["Baseline"]["per_seed"][0]["nll"]
     assert rows["DynamicViT"]["throughput_ratio"] > 0 and rows["Baseline"]["latency_b1_ms"] > 0
     assert rows["EViT"]["speed_repeats"] == {"latency": 3, "throughput": 2}
+    # blocks executed per input token: every token runs all 3 blocks in the baseline, fewer when pruned
+    assert rows["Baseline"]["token_depth"] == pytest.approx(3.0)
+    assert 1.0 < rows["DynamicViT"]["token_depth"] < 3.0
+    assert rows["DynamicViT"]["gflops_p05"] <= rows["DynamicViT"]["gflops"] <= rows["DynamicViT"]["gflops_p95"]
 
 
 @pytest.mark.parametrize("content, message", [

@@ -22,10 +22,13 @@ class Predictions:
     labels: Tensor  # (N,)
     macs: Tensor  # (N,) float64, per image from its real token counts
     executed_macs: float  # mean per image including padding
+    token_depth: Tensor  # (N,) float64, blocks executed per input token, averaged over the image's tokens
 
     def summary(self, base_macs: float) -> dict[str, float]:
         out = metrics.summarize(self.logits, self.labels)
         out["gflops"] = float(self.macs.mean()) / 1e9
+        out["gflops_p05"], out["gflops_p95"] = (float(q) / 1e9 for q in self.macs.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64)))
+        out["token_depth"] = float(self.token_depth.mean())
         out["gflops_executed"] = self.executed_macs / 1e9
         out["rel_flops"] = float(self.macs.mean()) / base_macs
         return out
@@ -40,7 +43,8 @@ def predict(
     method.eval()
     cfg = method.model.cfg
     loader = make_loader(dataset, indices, batch_size, workers)
-    logits, labels, macs, executed = [], [], [], []
+    logits, labels, macs, executed, depth = [], [], [], [], []
+    tokens_in = cfg.num_patches + cfg.num_prefix_tokens
     bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, leave=False)
     for images, targets in iterate(loader):
         out = method(images.to(device))
@@ -48,9 +52,10 @@ def predict(
         labels.append(targets)
         macs.append(macs_per_image(cfg, out.record))
         executed.append(executed_macs_per_image(cfg, out.record) * len(targets))
+        depth.append(torch.stack(out.record.attn_tokens).sum(0).double().cpu() / tokens_in)
         bar.update(len(targets))
     bar.close()
-    return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices))
+    return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices), torch.cat(depth))
 
 
 def measure_speed(
@@ -112,5 +117,6 @@ def predictions_arrays(preds: dict[str, Predictions]) -> dict[str, np.ndarray]:
         arrays[f"{name}/pred"] = p.logits.argmax(1).numpy()
         arrays[f"{name}/confidence"] = probs.max(dim=1).values.numpy()
         arrays[f"{name}/macs"] = p.macs.numpy()
+        arrays[f"{name}/token_depth"] = p.token_depth.numpy()
         arrays["labels"] = p.labels.numpy()
     return arrays

@@ -155,8 +155,8 @@ def aggregate(entry: SuiteEntry, per_seed: list[dict[str, float]]) -> dict[str, 
     out: dict[str, Any] = {"method": entry.method, "options": entry.options, "seeded": entry.seeded, "per_seed": per_seed}
     for key in ("top1", "ece", "nll"):
         out[f"{key}_mean"], out[f"{key}_std"] = metrics.mean_std([r[key] for r in per_seed])
-    out["rel_flops"] = per_seed[0]["rel_flops"]
-    out["gflops"] = per_seed[0]["gflops"]
+    for key in ("rel_flops", "gflops", "gflops_p05", "gflops_p95", "gflops_executed", "token_depth"):
+        out[key] = per_seed[0][key]
     return out
 
 
