@@ -101,21 +101,22 @@ def top_index(state: TokenState, scores: Tensor, k: int) -> Tensor:
 
 # -- attention statistics (SPOT, eqs. 3-9) --------------------------------------------------------
 def attention_stats(attn: Tensor, keep: Tensor | None = None, num_prefix: int = 1) -> Tensor:
-    """D^A of SPOT for each head and patch token: (B, N_p, H, 6) raw statistics.
+    """D^A of SPOT for each head and patch token: (..., B, N_p, H, 6) raw statistics.
 
-    attn: (B, H, N, N) attention (or a running mean / variance map of it); row 0 is the CLS token.
+    attn: (..., B, H, N, N) attention (or a running mean / variance map of it; leading axes, e.g.
+    several maps stacked, are carried along); row 0 is the CLS token.
     keep: (B, N_p) 0/1 mask of patch tokens still kept (masked training path); None = all present.
     Features: [A(CLS->t), A(t->CLS), row mean, column mean, row variance, column variance] of the
     non-CLS block, rows and columns restricted to kept tokens (population variance, eq. 7-8).
     """
     p = num_prefix
-    cls_out = attn[:, :, 0, p:]  # (B, H, Np)
-    cls_in = attn[:, :, p:, 0]
-    block = attn[:, :, p:, p:]  # (B, H, Np, Np): [t, j] = t attends to j
-    if keep is None:
+    cls_out = attn[..., 0, p:]  # (..., B, H, Np)
+    cls_in = attn[..., p:, 0]
+    block = attn[..., p:, p:]  # (..., B, H, Np, Np): [t, j] = t attends to j
+    if keep is None:  # two passes with means: torch.var along a strided axis is ~10x slower on the CPU
         row_mean, col_mean = block.mean(-1), block.mean(-2)
-        row_var = block.var(-1, unbiased=False)
-        col_var = block.var(-2, unbiased=False)
+        row_var = (block - row_mean[..., None]).square_().mean(-1)
+        col_var = (block - col_mean[..., None, :]).square_().mean(-2)
     else:
         m = keep.to(attn.dtype)
         n = m.sum(-1).clamp_min(1.0)[:, None, None]  # (B, 1, 1)
@@ -125,8 +126,8 @@ def attention_stats(attn: Tensor, keep: Tensor | None = None, num_prefix: int = 
         col_mean = (block * mr).sum(-2) / n
         row_var = (((block - row_mean[..., None]) ** 2) * mc).sum(-1) / n
         col_var = (((block - col_mean[..., None, :]) ** 2) * mr).sum(-2) / n
-    stats = torch.stack([cls_out, cls_in, row_mean, col_mean, row_var, col_var], dim=-1)  # (B, H, Np, 6)
-    return stats.transpose(1, 2)
+    stats = torch.stack([cls_out, cls_in, row_mean, col_mean, row_var, col_var], dim=-1)  # (..., B, H, Np, 6)
+    return stats.transpose(-3, -2)
 
 
 def stats_scale(n: Tensor | float, dtype=torch.float32, device=None) -> Tensor:
@@ -257,10 +258,10 @@ class PredictorMethod(Method):
         if self.capture:
             record.aux.setdefault("probs", []).append((info.probs.detach().clone(), state.patch_ids.clone()))
         b, n, h, _ = rows.shape
-        if self.dynamics:
+        if self.dynamics:  # running sums, accumulated in place: this method made them (first block, or a stage's gather)
             s1, s2 = extras.get("spot_s1" + COLUMN_EXTRAS_SUFFIX), extras.get("spot_s2" + COLUMN_EXTRAS_SUFFIX)
-            extras["spot_s1" + COLUMN_EXTRAS_SUFFIX] = rows if s1 is None else s1 + rows
-            extras["spot_s2" + COLUMN_EXTRAS_SUFFIX] = rows * rows if s2 is None else s2 + rows * rows
+            extras["spot_s1" + COLUMN_EXTRAS_SUFFIX] = rows.clone(memory_format=torch.contiguous_format) if s1 is None else s1.add_(rows)
+            extras["spot_s2" + COLUMN_EXTRAS_SUFFIX] = rows * rows if s2 is None else s2.addcmul_(rows, rows)
             record.add_macs(float(h * n * n))  # the square-and-add of the running second moment
         if index + 1 in self.stages:
             extras["spot_last" + COLUMN_EXTRAS_SUFFIX] = rows
@@ -284,19 +285,20 @@ class PredictorMethod(Method):
             scale = stats_scale(float(state.width - p), state.x.dtype, state.x.device)  # (6,)
         else:
             scale = stats_scale(keep.sum(-1).clamp_min(1).to(state.x.dtype), state.x.dtype)[:, None, None, :]  # (B, 1, 1, 6)
-        feats, raw = [], {}
-        for name in self.sources:
-            s = attention_stats(maps[name].transpose(1, 2), keep, p)  # (B, Np, H, 6)
-            raw[name] = s
-            if self.head_average:
-                s = s.mean(dim=2, keepdim=True)
-            feats.append((s * scale)[..., list(self.stats)])
+        # all sources in one pass (few ops matter at batch 1): (S, B, Np, H, 6)
+        stats = attention_stats(torch.stack([maps[name] for name in self.sources]).transpose(2, 3), keep, p)
+        if self.capture:
+            raw = dict(zip(self.sources, stats.unbind(0)))
+            record.aux.setdefault("spot_stats", []).append({"patch_ids": state.patch_ids[:, p:].clone(), "keep": keep, **raw})
+        if self.head_average:
+            stats = stats.mean(dim=3, keepdim=True)
+        stats = stats * scale
+        if len(self.stats) < 6:
+            stats = stats[..., list(self.stats)]
         h, npt = maps[self.sources[0]].shape[2], state.width - p
         if 4 in self.stats or 5 in self.stats:
             record.add_macs(float(len(self.sources) * 2 * h * npt * npt))  # squared deviations for row and column variances
-        if self.capture:
-            record.aux.setdefault("spot_stats", []).append({"patch_ids": state.patch_ids[:, p:].clone(), "keep": keep, **raw})
-        return torch.cat(feats, dim=-1).flatten(2)
+        return stats.permute(1, 2, 3, 0, 4).flatten(2)  # (B, Np, H * S * stats): per head, per source, per statistic
 
     # -- stages --
     def before_block(self, index: int, state: TokenState, record: ExecutionRecord) -> TokenState:
