@@ -316,3 +316,14 @@ def test_trainer_loss_has_the_avit_terms(tmp_path, image_folder):
     assert set(parts) == {"ce", "ponder", "distr"} and all(math.isfinite(v) for v in parts.values())
     assert parts["ponder"] == pytest.approx(0.1 * float(method(batch[0]).record.aux["avit_ponder"].detach().mean()), rel=1e-5)
     assert method.halt_counts.sum() == 2 * 4 * 17  # two training forwards; every token halts once per image
+
+
+def test_packing_changes_what_runs_not_the_result():
+    """Padded batches run packed by default; pack=False pads only: same logits, more executed FLOPs."""
+    model, opts = random_halting()
+    x = images(8, seed=3)
+    with torch.no_grad():
+        packed, padded = avit(model, **opts)(x), avit(model, pack=False, **opts)(x)
+    assert torch.allclose(packed.logits, padded.logits, atol=1e-5)
+    assert torch.equal(macs_per_image(model.cfg, packed.record), macs_per_image(model.cfg, padded.record))
+    assert executed_macs_per_image(model.cfg, packed.record) < executed_macs_per_image(model.cfg, padded.record)

@@ -77,6 +77,7 @@ class AViTOptions:
     prior_std: float = field(default=1.0, metadata={"help": "avit: standard deviation (blocks) of the Gaussian depth prior; > 0"})
     halting: bool = field(default=True, metadata={"help": "avit: false runs the plain backbone (exactly the baseline's logits)"})
     dense: bool = field(default=False, metadata={"help": "avit: run inference dense + masked like the official code (same outputs, no speed-up)"})
+    pack: bool = field(default=True, metadata={"help": "avit: run padded batches packed (per-token layers on real tokens only); false pads only, for comparison"})
 
     def __post_init__(self) -> None:
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
@@ -237,7 +238,7 @@ class AViT(Method):
         for i, block in enumerate(model.blocks):
             trace.append((active, state.extras["avit_pos"], state.key_mask))
             if active is None:
-                state = run_block(block, i, state, NO_HOOKS, record)
+                state = run_block(block, i, state, NO_HOOKS, record, pack=self.options.pack)
             else:
                 state = self._run_subbatch(block, i, state, active, record)
             out = state.x
@@ -329,7 +330,7 @@ class AViT(Method):
     def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
         """Run a block on the images still in the batch; record per-image counts for the full batch."""
         scratch = ExecutionRecord(batch_size=len(active), _packings=record._packings)  # packings live as long as their masks
-        state = run_block(block, index, state, NO_HOOKS, scratch)
+        state = run_block(block, index, state, NO_HOOKS, scratch, pack=self.options.pack)
         zeros = torch.zeros(record.batch_size, dtype=torch.long, device=active.device)
         record.attn_tokens.append(zeros.index_copy(0, active, scratch.attn_tokens[0]))
         record.mlp_tokens.append(zeros.index_copy(0, active, scratch.mlp_tokens[0]))
