@@ -10,9 +10,7 @@ that GEMM time is not monotone in the row count.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
 import torch
 
@@ -20,6 +18,7 @@ import vitbudget as vb
 from vitbudget import Hooks, run
 from vitbudget.defaults import DEFAULT_MODEL, default_path
 from vitbudget.eval.machine import machine_info
+from vitbudget.eval.speed import time_interleaved
 from vitbudget.io import write_json
 
 
@@ -33,15 +32,9 @@ class FirstTokens(Hooks):
         return state.gather(torch.arange(self.k)[None].expand(state.batch_size, -1))
 
 
-def round_robin(fns, x, repeats):
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f(x)
-    for _ in range(repeats):
-        for k, f in fns.items():
-            start = time.perf_counter()
-            f(x)
-            times[k].append(time.perf_counter() - start)
+def median_ms(fns, x, repeats):
+    """Median milliseconds per call of each fn, timed round-robin by the library's own timer."""
+    times = time_interleaved(fns, [x], warmup=1, repeats=repeats)
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
@@ -57,13 +50,13 @@ def main() -> None:
     for batch, repeats in ((1, 60), (64, 8)):
         x = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size)
         fns = {k: (lambda k: lambda t: run(model, t, FirstTokens(k)))(k) for k in counts}
-        ms = round_robin(fns, x, repeats)
+        ms = median_ms(fns, x, repeats)
         result["tokens"][f"batch_{batch}"] = {str(k): {"ms": v, "ratio": v / ms[65]} for k, v in ms.items()}
         print(f"batch {batch}: " + "  ".join(f"{k} tokens {v:.1f} ms ({v / ms[65]:.2f})" for k, v in ms.items()))
     mlp = model.blocks[0].mlp
     for m in range(40, 66):
         x = torch.randn(1, m, model.cfg.embed_dim)
-        result["mlp_gemm_us"][str(m)] = 1000 * round_robin({"mlp": lambda t: mlp.fc2(mlp.fc1(t))}, x, 200)["mlp"]
+        result["mlp_gemm_us"][str(m)] = 1000 * median_ms({"mlp": lambda t: mlp.fc2(mlp.fc1(t))}, x, 200)["mlp"]
     print("MLP GEMMs at batch 1, us by row count: " + " ".join(f"{m}:{v:.0f}" for m, v in result["mlp_gemm_us"].items()))
     write_json(args.out, result)
     print(f"wrote {args.out}")
