@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitbudget import ConfigError, Hooks, run, save_model
 from vitbudget.cli import main
-from vitbudget.eval.cost import block_macs, dense_macs, macs_per_image
+from vitbudget.runtime.cost import block_macs, dense_macs, macs_per_image
 from vitbudget.methods import ABSOptions, build_method
 
 SCORES = ["entropy", "attnvar", "gradsim", "random"]

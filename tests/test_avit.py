@@ -8,7 +8,7 @@ import torch
 from conftest import make_model
 
 from vitbudget import CheckpointError, ConfigError
-from vitbudget.eval.cost import (
+from vitbudget.runtime.cost import (
     attention_macs,
     dense_macs,
     executed_macs_per_image,

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import make_model
 from test_runtime import DropPerImage
 from vitbudget import Hooks, run
-from vitbudget.eval.cost import dense_macs, executed_macs_per_image, macs_per_image
+from vitbudget.runtime.cost import dense_macs, executed_macs_per_image, macs_per_image
 from vitbudget.models import NAMED_CONFIGS, ViTConfig
 
 

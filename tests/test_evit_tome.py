@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, make_model
 from test_cost import counted_flops
 from vitbudget import ConfigError, run
-from vitbudget.eval.cost import macs_per_image
+from vitbudget.runtime.cost import macs_per_image
 from vitbudget.methods import build_method
 from vitbudget.methods.tome import bipartite_merge
 from vitbudget.runtime.state import TokenState

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import make_model
 from test_cost import counted_flops
 from vitbudget import CheckpointError, ConfigError, run
-from vitbudget.eval.cost import macs_per_image
+from vitbudget.runtime.cost import macs_per_image
 from vitbudget.methods import build_method, load_method, save_method
 from vitbudget.methods.base import run_teacher
 from vitbudget.methods.predictor import attention_stats

@@ -1,3 +1,4 @@
+"""`python -m vitbudget ...` (and `torchrun -m vitbudget ...`): the same as the `vitbudget` command."""
 import sys
 
 from .cli import main

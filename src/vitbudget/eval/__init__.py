@@ -1,5 +1,5 @@
 """Metrics, FLOPs, speed and the evaluation loop."""
-from .cost import dense_macs, executed_macs_per_image, macs_per_image
+from ..runtime.cost import dense_macs, executed_macs_per_image, macs_per_image
 from .evaluate import Predictions, evaluate, measure_speed, predict
 from .metrics import ece, mcnemar, nll, paired_ttest, summarize, top1
 

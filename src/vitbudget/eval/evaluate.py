@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..data.loader import iterate, make_loader
 from ..methods.base import Method
 from . import metrics
-from .cost import dense_macs, executed_macs_per_image, macs_per_image
+from ..runtime.cost import dense_macs, executed_macs_per_image, macs_per_image
 from .speed import speed_report, time_interleaved
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from ..methods import load_method, make_options
 from . import metrics
-from .cost import dense_macs
+from ..runtime.cost import dense_macs
 from .evaluate import measure_speed, predict
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..eval.cost import block_macs
-from ..report.token_maps import TokenMap
+from ..runtime.cost import block_macs
+from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo, multihead_attention
 from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState

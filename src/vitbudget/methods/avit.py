@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..report.token_maps import TokenMap
+from ..runtime.token_map import TokenMap
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
 from ..runtime.state import TokenState
 from .base import Method

@@ -41,7 +41,7 @@ class Method(nn.Module, Hooks):
         return {}
 
     def token_map(self, out: RunOutput):
-        """Per-patch picture of what the method chose (a `report.token_maps.TokenMap`), or None."""
+        """Per-patch picture of what the method chose (a `runtime.token_map.TokenMap`), or None."""
         return None
 
     def describe(self) -> dict[str, Any]:

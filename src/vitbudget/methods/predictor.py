@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..report.token_maps import TokenMap
+from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo
 from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState

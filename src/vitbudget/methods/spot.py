@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import ConfigError
-from ..report.token_maps import TokenMap
+from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo
 from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState

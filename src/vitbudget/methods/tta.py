@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..eval.cost import block_macs, stem_macs
+from ..runtime.cost import block_macs, stem_macs
 from ..models.config import ViTConfig
 from ..runtime.runner import ExecutionRecord, RunOutput, run
 from ..runtime.state import TokenState

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
 from ..errors import CheckpointError, ConfigError
 from ..eval.evaluate import predict
-from ..eval.cost import dense_macs
+from ..runtime.cost import dense_macs
 from ..io import atomic_path, ensure_writable_dir
 from ..methods import build_method
 from ..methods.base import run_teacher

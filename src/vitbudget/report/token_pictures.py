@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,22 +9,7 @@ from torch import Tensor
 
 from ..io import atomic_path
 from ..models.config import Preprocess
-
-
-@dataclass
-class TokenMap:
-    """Per-patch picture data for a batch, in original patch order (row-major grid).
-
-    values: (B, P) float, NaN where a patch has no value; drawn as a translucent colour layer.
-    outline: (B, P) bool, patches to outline (e.g. the tokens ABS refined).
-    label: what `values` mean, for the colour bar (e.g. "halting depth").
-    """
-
-    values: Tensor | None = None
-    outline: Tensor | None = None
-    label: str = ""
-    vmin: float | None = None
-    vmax: float | None = None
+from ..runtime.token_map import TokenMap
 
 
 def denormalize(images: Tensor, preprocess: Preprocess) -> np.ndarray:

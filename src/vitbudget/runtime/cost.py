@@ -1,4 +1,4 @@
-"""FLOPs from the tokens each block actually executed.
+"""FLOPs from the tokens each block actually executed (read off the ExecutionRecord beside it).
 
 Convention: one multiply-accumulate = one FLOP, as DeiT, DynamicViT, A-ViT, EViT and fvcore
 report "GFLOPs" (DeiT-Tiny at 224 px = 1.26 G). torch's FlopCounterMode counts a
@@ -7,11 +7,15 @@ Norms, softmax and activations are not counted (neither do those papers).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ..models.config import ViTConfig
-from ..runtime.runner import ExecutionRecord
+from .runner import ExecutionRecord
+
+if TYPE_CHECKING:  # runtime sits below models; the config is only read, never built, here
+    from ..models.config import ViTConfig
 
 
 def projection_macs(n: Tensor | float, dim: int) -> Tensor | float:

@@ -1,0 +1,54 @@
+"""What every command shares: method-option flags, defaults from shared/, small validators."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..defaults import default_path
+from ..errors import ConfigError
+from ..methods import METHODS
+
+
+def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per option field of any registered method (shared names share a flag)."""
+    names: list[str] = []
+    group = parser.add_argument_group("method options (each applies to the methods that have it)")
+    for spec in METHODS.values():
+        for field in dataclasses.fields(spec.options):
+            flag = "--" + field.name.replace("_", "-")
+            if field.name in names or flag in parser._option_string_actions:  # e.g. train's own --seed
+                continue
+            names.append(field.name)
+            kind = type(field.default) if field.default is not dataclasses.MISSING and field.default is not None else str
+            kind = {bool: parse_bool}.get(kind, kind)
+            group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
+                               help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
+    return names
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def resolve_default(value: str | None, relative: str, what: str) -> str:
+    if value is not None:
+        return value
+    path = default_path(relative)
+    if path is None:
+        raise ConfigError(f"no --{what} given and no shared/ directory found (set VITBUDGET_SHARED)")
+    return path
+
+
+def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(METHODS[method].options)}
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None and k[4:] in fields}
+
+
+def check_repeats(args: argparse.Namespace) -> None:
+    if args.latency_repeats <= 0 or args.throughput_repeats <= 0:
+        raise ConfigError(f"--latency-repeats and --throughput-repeats must be positive, got {args.latency_repeats}, {args.throughput_repeats}")
