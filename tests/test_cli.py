@@ -257,3 +257,12 @@ def test_distilling_recipe_takes_its_teacher_from_init(tmp_path, capsys, image_f
     from vitbudget.models.loading import read_sidecar, sidecar_path
 
     assert read_sidecar(sidecar_path(tmp_path / "b" / "model.safetensors"))["recipe"]["distill_weight"] == 0.5
+
+
+def test_resolution_scale_is_bounded_before_any_memory_is_spent(tiny_model):
+    from vitbudget import ConfigError
+    from vitbudget.methods import build_method
+
+    with pytest.raises(ConfigError, match=r"--scale 40 turns the 4x4 patch grid into 160x160 \(25600 tokens per image\); the limit is 4096"):
+        build_method("resolution", tiny_model, scale=40)
+    assert build_method("resolution", tiny_model, scale=16).model.cfg.num_patches == 4096  # the limit itself is allowed

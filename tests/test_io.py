@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,12 @@ def test_full_disk_is_an_output_error_and_nothing_is_published(tmp_path):
             write_json(stage / "results.json", {"top1": 1})
             with open(stage / "predictions.npz", "wb"):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert not (tmp_path / "out").exists()
+    with pytest.MonkeyPatch.context() as patch:  # the disk fills inside the single-file writer: the message names --out
+        patch.setattr(Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+        with pytest.raises(OutputError, match=r"^cannot write to '[^']*/out': No space left on device; nothing was published$"):
+            with out.publish() as stage:
+                write_json(stage / "results.json", {"top1": 1})
     assert not (tmp_path / "out").exists()
     with pytest.raises(OutputError, match="cannot write .*No space left"):  # the single-file writer says the same
         with atomic_path(tmp_path / "x.json"):

@@ -17,7 +17,10 @@ from .errors import OutputError
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create `path` if needed and prove we can write there, before any long work starts."""
+    """Create `path` if needed and prove we can write there, before any long work starts.
+
+    For outputs built up piece by piece and resumed; a command's result files use `OutputDir`.
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -109,8 +112,9 @@ class OutputDir:
         except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
             _remove_empty(created)
-            if isinstance(exc, OSError):  # a full disk, a quota: the user's problem, not a bug
-                raise OutputError(f"cannot write to {str(self.path)!r}: {exc.strerror or exc}; nothing was published") from exc
+            cause = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc, OutputError) else None
+            if isinstance(cause, OSError):  # a full disk, a quota: the user's problem, not a bug; name --out, not the staging dir
+                raise OutputError(f"cannot write to {str(self.path)!r}: {cause.strerror or cause}; nothing was published") from exc
             raise
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -5,7 +5,7 @@ import argparse
 
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from ..io import ensure_writable_dir
+from ..io import check_output_dir
 from .options import nonnegative_int, positive_int, resolve_default
 
 EPILOG = """examples:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
     src = resolve_split_dir(resolve_default(args.data, DEFAULT_DATA, "data"), args.split)
-    out_dir = ensure_writable_dir(args.out)
+    out_dir = check_output_dir(args.out)  # each corruption's tree is created, atomically, once it is complete
     start = time.perf_counter()
     for name in tqdm(names, desc="corruptions", unit="corruption", disable=args.quiet):
         corrupt_folder(src, out_dir / name, name, args.severity, args.seed, args.limit, progress=not args.quiet)
