@@ -16,13 +16,32 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: the CPU build; anything unpinned would pull CUDA wheels.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[test]"
+# What the tests need beyond `.[test]`: the external anchors they check us against. Every line
+# must install, or the run fails (set -e): CI must never pass with these tests skipped. Add a
+# new optional dependency here, one pip argument list per line, and its anchor in tests/conftest.py.
+test_requirements=(
+  # timm, for the equivalence tests; its torchvision dependency is a CUDA build here, so
+  # it goes in without dependencies (see tests/test_timm_equivalence.py), plus what it imports
+  "--no-deps timm==1.0.31"
+  "pyyaml huggingface_hub"
+  # the corruption package (the `robustness` extra), so the corruption tests run for real
+  "-e .[robustness]"
+)
 if [ "$job" = test ]; then
-  # timm is an optional extra, used only by the equivalence test; its torchvision dependency
-  # is a CUDA build here, so it is installed without dependencies (see tests/test_timm_equivalence.py).
-  "${pip[@]}" --no-deps timm==1.0.31 || echo "timm not installed: the timm equivalence test will skip"
-  "${pip[@]}" pyyaml huggingface_hub || true
-  # the corruption package (optional extra) so the robustness tests run for real; they skip without it
-  "${pip[@]}" -e ".[robustness]" || echo "imagecorruptions-imaug not installed: its tests will skip"
+  set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)
+  for requirement in "${test_requirements[@]}"; do
+    # shellcheck disable=SC2086  # each entry is a list of pip arguments
+    "${pip[@]}" $requirement || { echo "error: could not install test requirement: $requirement" >&2; exit 1; }
+  done
+  set +f
+  shared="${VITBUDGET_SHARED:-../shared}"
+  if [ ! -f "$shared/models/vit_tiny_p4_cifar10.safetensors" ] || [ ! -f "$shared/data/cifar10-jpeg.tar.gz" ]; then
+    echo "error: the shared reference model and CIFAR-10 archive are not under $shared (set VITBUDGET_SHARED)" >&2
+    exit 1
+  fi
+  export VITBUDGET_SHARED="$(cd "$shared" && pwd)"
+  # anchor tests (shared data, timm, extras) fail instead of skipping (tests/conftest.py)
+  export VITBUDGET_REQUIRE_ANCHORS=1
 fi
 if "$venv/bin/python" -m pip list 2>/dev/null | grep -qi nvidia; then
   echo "error: CUDA packages were installed into $venv; remove it and report the dependency that pulled them" >&2

@@ -1,8 +1,18 @@
-"""Shared fixtures: a tiny ViT and a tiny on-disk ImageFolder, so most tests need no shared data."""
+"""Shared fixtures: a tiny ViT and a tiny on-disk ImageFolder, so most tests need no shared data.
+
+External anchors (the shared reference model and CIFAR-10 archive, timm, the robustness extra)
+are declared with `anchor(...)` markers. Without the anchor a test skips and says why; with
+VITBUDGET_REQUIRE_ANCHORS=1 (set by `scripts/run.sh test`, hence by CI) it FAILS instead, so
+CI can never pass with its real-data and reference-code tests silently skipped. New optional
+dependencies get their anchor the same way: `requires_x = anchor("x", lambda: ..., "how to get it")`.
+"""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -14,11 +24,46 @@ from vitbudget.models import ViTConfig, VisionTransformer
 SHARED = Path(os.environ.get("VITBUDGET_SHARED", Path(__file__).resolve().parents[1] / "../shared")).resolve()
 REFERENCE_MODEL = SHARED / "models/vit_tiny_p4_cifar10.safetensors"
 CIFAR_ARCHIVE = SHARED / "data/cifar10-jpeg.tar.gz"
+REQUIRE_ANCHORS = os.environ.get("VITBUDGET_REQUIRE_ANCHORS") == "1"
 
 TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
 
-requires_reference = pytest.mark.skipif(not REFERENCE_MODEL.is_file(), reason=f"reference model not found at {REFERENCE_MODEL}")
-requires_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason=f"CIFAR-10 archive not found at {CIFAR_ARCHIVE}")
+
+def missing_anchor(reason: str) -> None:
+    """Skip, or fail when anchors are required (CI): an anchor that cannot be set up is a broken build."""
+    if REQUIRE_ANCHORS:
+        pytest.fail(f"required anchor missing: {reason} (VITBUDGET_REQUIRE_ANCHORS=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def anchor(name: str, available: Callable[[], bool], how: str) -> pytest.MarkDecorator:
+    """Mark a test as needing an external anchor; checked when the test is set up (see module docstring)."""
+    return pytest.mark.anchor(name=name, available=available, how=how)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("anchor"):
+        if not mark.kwargs["available"]():
+            missing_anchor(f"{mark.kwargs['name']} not available: {mark.kwargs['how']}")
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def importable(name: str) -> bool:
+    """The module imports (an installed but broken package counts as missing)."""
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - any import failure means the anchor is not set up
+        return False
+    return True
+
+
+requires_reference = anchor("reference model", REFERENCE_MODEL.is_file, f"expected at {REFERENCE_MODEL} (set VITBUDGET_SHARED)")
+requires_cifar = anchor("CIFAR-10 archive", CIFAR_ARCHIVE.is_file, f"expected at {CIFAR_ARCHIVE} (set VITBUDGET_SHARED)")
+requires_timm = anchor("timm", lambda: has_module("timm"), "pip install --no-deps timm==1.0.31 pyyaml huggingface_hub")
+requires_corruptions = anchor("imagecorruptions-imaug", lambda: importable("imagecorruptions"), "pip install -e '.[robustness]'")
 
 
 @pytest.fixture(autouse=True)

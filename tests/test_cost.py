@@ -86,3 +86,11 @@ def test_method_overhead_is_added():
 
 def test_deit_tiny_is_the_familiar_1_26_gflops():
     assert dense_macs(NAMED_CONFIGS["deit_tiny_patch16_224"]) / 1e9 == pytest.approx(1.26, abs=0.01)
+
+
+def test_reference_config_is_0_3651_gflops_under_the_counter():
+    """The shared reference's shape (random weights suffice): 0.3651 GFLOPs per image, analytic and counted."""
+    cfg = NAMED_CONFIGS["vit_tiny_p4_cifar10"]
+    counted, out = counted_flops(make_model(cfg), torch.randn(2, 3, 32, 32))
+    assert counted / 2 / 2 / 1e9 == pytest.approx(0.365107584, abs=1e-12)  # a MAC is 2 FLOPs; 2 images
+    assert dense_macs(cfg) == 365_107_584 and macs_per_image(cfg, out.record).tolist() == [365_107_584.0] * 2

@@ -110,5 +110,8 @@ def test_output_is_atomic_and_reused(tmp_path, monkeypatch):
 def test_make_counting_cli(tmp_path, capsys):
     assert main(["make-counting", "--out", str(tmp_path / "c"), "--train", "16", "--test", "8", "--quiet"]) == 0
     assert len(ImageFolder(tmp_path / "c", "train")) == 16 and "wrote" in capsys.readouterr().out
-    assert main(["make-counting", "--out", str(tmp_path / "d"), "--train", "0", "--quiet"]) == 1
-    assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a bad flag value is argparse's exit 2, one line
+        main(["make-counting", "--out", str(tmp_path / "d"), "--train", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--train: expected a positive integer, got '0'" in err
+    assert not (tmp_path / "d").exists()

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REFERENCE_MODEL, TINY, make_model, requires_reference
-from vitbudget import CheckpointError, ConfigError, InputError, load_model, save_model
+from conftest import REFERENCE_MODEL, TINY, make_model, requires_reference, requires_timm
+from vitbudget import CheckpointError, ConfigError, InputError, OutputError, load_model, save_model
 from vitbudget.models import NAMED_CONFIGS, VisionTransformer, ViTConfig
+from vitbudget.models.pos_embed import resample_abs_pos_embed
 
 TIMM_KEYS_BLOCK0 = {
     "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
@@ -106,3 +108,93 @@ def test_config_validation():
         ViTConfig.from_dict({"embed_dim": 192, "frobnicate": 1})
     with pytest.raises(ConfigError, match="divisible"):
         ViTConfig(embed_dim=100, num_heads=3)
+
+
+def _edit_sidecar(path, edit):
+    meta = json.loads(path.with_suffix(".json").read_text())
+    edit(meta)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["config"].update(num_heads=0), "num_heads must be an integer >= 1, got 0"),
+    (lambda m: m["config"].update(patch_size=0), "patch_size must be an integer >= 1, got 0"),
+    (lambda m: m["config"].update(img_size=-32), "img_size must be an integer >= 1, got -32"),
+    (lambda m: m["config"].update(depth="3"), "depth must be an integer >= 1, got '3'"),
+    (lambda m: m["config"].update(mlp_ratio=float("nan")), "mlp_ratio must be a positive number"),
+    (lambda m: m["config"].update(qkv_bias="yes"), "qkv_bias must be true or false"),
+    (lambda m: m.update(config=[32, 8]), "a ViT config must be a mapping"),
+    (lambda m: m.update(preprocess={"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}), "mean must be 3 finite numbers"),
+    (lambda m: m.update(preprocess={"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}), "std must be positive"),
+    (lambda m: m.update(preprocess={"crop_pct": 0}), r"crop_pct must be in \(0, 1\], got 0"),
+    (lambda m: m.update(preprocess={"interpolation": "lanczos"}), "interpolation must be one of bilinear, bicubic, nearest"),
+    (lambda m: m.update(preprocess="imagenet"), "preprocess must be a mapping"),
+    (lambda m: m.update(classes=["a", "b"]), "'classes' lists 2 names for 10 outputs"),
+    (lambda m: m.update(classes=["a"] * 10), "names a class twice"),
+    (lambda m: m.update(classes="airplane,automobile"), "'classes' must be a list of class names"),
+])
+def test_bad_sidecar_values_are_one_checkpoint_error(tmp_path, tiny_model, edit, message):
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    _edit_sidecar(path, edit)
+    with pytest.raises(CheckpointError, match="checkpoint sidecar .*m.json'?: .*" + message):
+        load_model(path)
+
+
+def test_sidecar_that_is_a_directory(tmp_path, tiny_model):
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    path.with_suffix(".json").unlink()
+    path.with_suffix(".json").mkdir()
+    with pytest.raises(CheckpointError, match="cannot read checkpoint sidecar .*m.json'"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_time(tmp_path, tiny_model, value):
+    with torch.no_grad():
+        tiny_model.blocks[1].mlp.fc1.weight[3, 4] = value
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or Inf\) in 1 tensor\(s\), e.g. blocks.1.mlp.fc1.weight"):
+        load_model(path)
+    torch.save(tiny_model.state_dict(), tmp_path / "m.pth")  # a plain timm state dict too
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_model(tmp_path / "m.pth", arch="vit_tiny_p4_cifar10", patch_size=8, embed_dim=32, depth=3, num_heads=2)
+
+
+def test_model_and_sidecar_are_published_together_sidecar_first(tmp_path, tiny_model, monkeypatch):
+    import os
+
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b)), real_replace(a, b)))
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    assert [p.name for p in moved if p.parent == tmp_path] == ["m.json", "m.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    import vitbudget.models.loading as loading
+
+    monkeypatch.setattr(loading, "save_file", safetensors.torch.save_file)
+    with pytest.raises(OutputError, match="No space left"):
+        save_model(tiny_model, tmp_path / "new" / "n.safetensors")
+    assert not (tmp_path / "new").exists()
+
+
+def test_pos_embed_resampling_keeps_constants_and_prefix():
+    pe = torch.cat([torch.randn(1, 1, 8), torch.full((1, 16, 8), 0.25)], dim=1)  # CLS + a constant 4x4 grid
+    out = resample_abs_pos_embed(pe, (6, 6), num_prefix_tokens=1)
+    assert out.shape == (1, 37, 8) and torch.equal(out[:, :1], pe[:, :1])
+    assert torch.allclose(out[:, 1:], torch.full((1, 36, 8), 0.25), atol=1e-6)  # bicubic weights sum to one
+
+
+@requires_timm
+@pytest.mark.parametrize("new_grid, prefix", [((6, 6), 1), ((3, 3), 1), ((5, 5), 3)])
+def test_pos_embed_resampling_equals_timms(new_grid, prefix):
+    from test_timm_equivalence import _import_timm
+
+    _import_timm()
+    from timm.layers import resample_abs_pos_embed as timm_resample
+
+    pe = torch.randn(1, prefix + 16, 24)
+    ours = resample_abs_pos_embed(pe, new_grid, num_prefix_tokens=prefix)
+    theirs = timm_resample(pe, new_size=list(new_grid), old_size=[4, 4], num_prefix_tokens=prefix)
+    assert torch.allclose(ours, theirs, atol=1e-6)

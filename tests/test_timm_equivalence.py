@@ -3,7 +3,8 @@
 timm needs torchvision, and the registry's torchvision is a CUDA build that does not import on
 CPU torch. timm's ViT itself never calls torchvision, so where the real torchvision is missing
 this test installs an empty stand-in module *for this test only* before importing timm.
-If timm itself is not installed (it is an optional extra), the test skips and says so.
+If timm itself is not installed (it is an optional extra), the test skips and says so; under
+VITBUDGET_REQUIRE_ANCHORS=1 (CI) it fails instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import types
 import pytest
 import torch
 
-from conftest import REFERENCE_MODEL, make_model, requires_reference
+from conftest import REFERENCE_MODEL, make_model, missing_anchor, requires_reference
 from vitbudget import from_timm, load_model, run
 from vitbudget.models import ViTConfig
 
@@ -47,8 +48,8 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _import_timm():
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed (optional extra: pip install --no-deps timm pyyaml huggingface_hub)")
+    if importlib.util.find_spec("timm") is None:  # skips, or fails under VITBUDGET_REQUIRE_ANCHORS=1 (CI)
+        missing_anchor("timm is not installed (optional extra: pip install --no-deps timm==1.0.31 pyyaml huggingface_hub)")
     try:
         import torchvision  # noqa: F401
     except Exception:  # noqa: BLE001 - missing or a CUDA build that cannot load here

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY
 from vitbudget import CheckpointError, ConfigError, load_model
 from vitbudget.train import Trainer, get_recipe
 from vitbudget.train.optim import lr_at, param_groups
@@ -77,6 +78,7 @@ def test_schedule_and_weight_decay_groups():
     assert all(p.ndim <= 1 or p.shape[:2] == (1, 1) or p.shape[1] == 65 for p in no_decay)  # biases, norms, tokens
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_to_identical_weights(tmp_path, image_folder):
     """A real `kill -9` mid-run: the same command again finishes with the uninterrupted weights."""
     import os
@@ -104,3 +106,78 @@ def test_sigkilled_cli_run_resumes_to_identical_weights(tmp_path, image_folder):
     a = load_model(tmp_path / "full" / "model.safetensors").state_dict()
     b = load_model(tmp_path / "killed" / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def spot_recipe(**overrides):
+    """spot_cifar10 shortened onto a 3-block toy: Gumbel-softmax masks draw from torch's RNG at every step."""
+    return get_recipe("spot_cifar10", **{
+        "arch": TINY.to_dict(), "method_options": {"rho": 0.7, "stages": "1,2"}, "train_limit": None, "eval_limit": 16,
+        "final_eval_limit": 16, "epochs": 2, "batch_size": 8, "save_every_steps": 3, "distill_weight": 0.0, "warmup_epochs": 0.2,
+        "lr": 1e-3, **overrides,
+    })
+
+
+def _killed_and_resumed(recipe, data, out, kill_step, workers):
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == kill_step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(recipe, data, out, workers=workers, progress=False).fit(on_step=kill)
+    return Trainer(recipe, data, out, workers=workers, progress=False).fit()
+
+
+@pytest.mark.slow
+def test_stochastic_method_resumes_to_identical_weights_with_workers(tmp_path, image_folder, monkeypatch):
+    """SPOT's Gumbel masks consume randomness every step and two loader processes decode: resume must still be exact,
+    and it is the restored RNG state that makes it so (without it the weights differ)."""
+    recipe = spot_recipe()
+    full = Trainer(recipe, image_folder, tmp_path / "full", workers=2, progress=False).fit()
+    resumed = _killed_and_resumed(recipe, image_folder, tmp_path / "resumed", kill_step=8, workers=2)  # last checkpoint: step 6
+    a, b = load_model(full.model_path).state_dict(), load_model(resumed.model_path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from vitbudget.methods.checkpoint import METHOD_PREFIX
+    from vitbudget.models.loading import read_state_dict
+
+    predictors = {k: v for k, v in read_state_dict(full.model_path).items() if k.startswith(METHOD_PREFIX)}
+    assert predictors and all(torch.equal(v, read_state_dict(resumed.model_path)[k]) for k, v in predictors.items())
+    assert [e["train_loss"] for e in full.log] == [e["train_loss"] for e in resumed.log]
+    import vitbudget.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: None)  # the mutation this test guards against
+    broken = _killed_and_resumed(recipe, image_folder, tmp_path / "no_rng", kill_step=8, workers=2)
+    c = load_model(broken.model_path).state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_holds_the_cuda_rng_state_where_cuda_exists(tmp_path, image_folder, monkeypatch):
+    """On a CUDA machine every device's RNG state is saved and restored (checked here with a stand-in CUDA)."""
+    device_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [device_state.clone()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    trainer = Trainer(smoke(), image_folder, tmp_path / "r", workers=0, progress=False)
+    trainer.fit(stop_at_step=3)
+    state = torch.load(trainer.state_path, weights_only=True)
+    assert torch.equal(state["torch_rng"], torch.get_rng_state()) and [torch.equal(s, device_state) for s in state["cuda_rng"]] == [True]
+    assert Trainer(smoke(), image_folder, tmp_path / "r", workers=0, progress=False).try_resume()
+    assert len(restored) == 1 and torch.equal(restored[0][0], device_state) and restored[0][1] == 0
+
+
+def test_fine_tuning_labels_follow_the_init_models_class_names(tmp_path, image_folder):
+    from conftest import make_model
+    from vitbudget import DataError
+
+    init = make_model()
+    init.info.classes = [f"class{c:02d}" for c in range(10)][::-1]  # output 0 means class09
+    trainer = Trainer(smoke(), image_folder, tmp_path / "a", init=init, workers=0, progress=False)
+    assert trainer.train_set.targets[0] == 9 and trainer.test_set.targets[-1] == 0
+    assert trainer.model.info.classes == init.info.classes  # the saved model keeps its meaning
+    init.info.classes = [f"other{c}" for c in range(10)]
+    with pytest.raises(DataError, match="not the model's classes"):
+        Trainer(smoke(), image_folder, tmp_path / "b", init=init, workers=0, progress=False)

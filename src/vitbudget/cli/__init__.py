@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from typing import Sequence
 
@@ -14,8 +15,18 @@ from . import eval as eval_
 COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `vitbudget: error: ...`, exit 2, no usage dump (`--help` stays full).
+
+    Subcommand parsers are this class too (argparse makes them with the parent's class).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"vitbudget: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitbudget", description="Spend a Vision Transformer's compute where the tokens matter.")
+    parser = Parser(prog="vitbudget", description="Spend a Vision Transformer's compute where the tokens matter.")
     parser.add_argument("--version", action="version", version=f"vitbudget {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for module in COMMANDS.values():
@@ -23,8 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, except that an unknown option names the subcommand and the closest valid options."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        flags = [f for f in sub._option_string_actions if f.startswith("--")]
+        close = sorted({m for u in unknown if u.startswith("-") for m in difflib.get_close_matches(u.split("=")[0], flags, n=3, cutoff=0.7)})
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        sub.error(f"unrecognized argument(s) {' '.join(unknown)}{hint}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return COMMANDS[args.command].run(args)
     except VitbudgetError as exc:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
-from ..io import ensure_writable_dir, write_json, write_text
-from .options import check_repeats, resolve_default
+from ..io import OutputDir, write_json, write_text
+from .options import (add_class_mismatch_flag, device_arg, label_source, open_dataset, positive_int, resolve_default, split_list,
+                      workers_count)
 
 EPILOG = """examples:
   vitbudget bench --suite abs --out runs/abs_table1            # ABS Tables 1/3/4
@@ -30,60 +32,75 @@ def add_parser(sub) -> argparse.ArgumentParser:
     be.add_argument("--suite", required=True, metavar="NAME|FILE.json", help=f"named suite ({', '.join(sorted(SUITES))}) or a JSON suite file")
     be.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
     be.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
-    be.add_argument("--split", default="test", help="split folder, or several separated by commas (one table each plus a summary)")
-    be.add_argument("--limit", type=int, default=None, help="fixed pseudo-random subset of this many images per split")
-    be.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for methods with random parts (default 5)")
-    be.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
-    be.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
-    be.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    be.add_argument("--split", type=split_list, default="test", help="split folder, or several separated by commas (one table each plus a summary)")
+    be.add_argument("--limit", type=positive_int, default=None, help="fixed pseudo-random subset of this many images per split")
+    be.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 for methods with random parts (default 5)")
+    be.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size (default 256)")
+    be.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
+    be.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     be.add_argument("--no-speed", action="store_true", help="skip latency and throughput")
-    be.add_argument("--latency-repeats", type=int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
-    be.add_argument("--throughput-repeats", type=int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
+    be.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
+    be.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     be.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_class_mismatch_flag(be)
     return be
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import EvalTransform, ImageFolder, subset_indices
+    from ..data import EvalTransform, subset_indices
     from ..eval.machine import describe_machine, machine_info
-    from ..eval.suite import load_suite, run_suite, suite_table
+    from ..eval.suite import check_suite_classes, load_suite, run_suite, suite_table
     from ..models import load_model
     from ..report import save_pareto
 
-    check_repeats(args)
-    out_dir = ensure_writable_dir(args.out)
-    if args.seeds <= 0:
-        raise ConfigError(f"--seeds must be positive, got {args.seeds}")
+    splits = args.split
+    stems = {split: file_stem(split) for split in splits}
+    files = ["bench.json", *(f"{stems[s]}{suffix}" for s in splits for suffix in (".md", "_pareto.png"))] + (["summary.md"] if len(splits) > 1 else [])
+    if len(set(files)) != len(files):
+        raise ConfigError(f"splits {', '.join(splits)} would write files of the same name ({', '.join(files)})")
+    out = OutputDir(args.out, files)  # checked now, written only when every split succeeded
     entries = load_suite(args.suite)
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     data_path = resolve_default(args.data, DEFAULT_DATA, "data")
     model = load_model(model_path)
+    check_suite_classes(entries, model_path, model.info.classes)
     transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
-    splits = [s for s in args.split.split(",") if s]
-    datasets = {split: ImageFolder(data_path, split, transform) for split in splits}  # fail fast on a bad split
+    said: set[str] = set()
+    datasets = {split: open_dataset(data_path, split, model, transform, args.allow_class_mismatch, said) for split in splits}  # fail fast
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
-    results = {}
+    results, texts, plots = {}, {}, {}
     for split, dataset in datasets.items():
         indices = subset_indices(len(dataset), args.limit)
         result = run_suite(entries, model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
                            workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet,
                            latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
-        results[split] = result
+        results[split] = {**result, "classes": dataset.classes, "labels": label_source(dataset)}
         table = suite_table(result)
         header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"
-        write_text(out_dir / f"{split}.md", header + table)
-        save_pareto(result["rows"], out_dir / f"{split}_pareto.png", title=f"{args.suite} — {split}, {len(indices)} images, {model.info.name}")
+        texts[f"{stems[split]}.md"] = header + table
+        plots[f"{stems[split]}_pareto.png"] = (result["rows"], f"{args.suite} — {split}, {len(indices)} images, {model.info.name}")
         print(f"\n## {split}\n{table}")
     report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine, "splits": results}
     if len(results) > 1:
         summary = robustness_table(results)
-        write_text(out_dir / "summary.md", f"`{command}` — top-1 % per split (mean over seeds)\n\n{summary}")
+        texts["summary.md"] = f"`{command}` — top-1 % per split (mean over seeds)\n\n{summary}"
         print(summary)
-    write_json(out_dir / "bench.json", report)
-    print(f"wrote {out_dir}")
+    with out.publish() as stage:
+        for name, text in texts.items():
+            write_text(stage / name, text)
+        for name, (rows, title) in plots.items():
+            save_pareto(rows, stage / name, title=title)
+        write_json(stage / "bench.json", report)
+    print(f"wrote {out.path}: {', '.join(files)}")
     return 0
+
+
+def file_stem(split: str) -> str:
+    """A split name as a file name: 'fog' -> 'fog', 'a/b' -> 'a_b', '.' (the data root) -> 'root'."""
+    stem = split.strip("/").replace("/", "_").replace(os.sep, "_")
+    return stem if stem not in ("", ".", "..") else "root"
 
 
 def robustness_table(results: dict[str, dict]) -> str:

@@ -5,8 +5,8 @@ import argparse
 
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from ..io import ensure_writable_dir
-from .options import resolve_default
+from ..io import check_output_dir
+from .options import nonnegative_int, positive_int, resolve_default
 
 EPILOG = """examples:
   vitbudget corrupt --out ~/.cache/vitbudget/cifar10c-s3-2000 --limit 2000     # 15 corruptions of the shared test set
@@ -30,9 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     co.add_argument("--split", default="test", help="split folder inside --data; '.' for --data itself (default: test)")
     co.add_argument("--out", required=True, help="output directory: OUT/<corruption>/<class>/<image>.png")
     co.add_argument("--corruptions", default=None, help=f"comma-separated names (default: all 15: {','.join(CORRUPTIONS)})")
-    co.add_argument("--severity", type=int, default=3, help="1 to 5 (default 3)")
-    co.add_argument("--limit", type=int, default=None, help="corrupt a fixed pseudo-random subset of this many images (as eval --limit)")
-    co.add_argument("--seed", type=int, default=0, help="seed of the corruptions' randomness (default 0)")
+    co.add_argument("--severity", type=positive_int, default=3, help="1 to 5 (default 3)")
+    co.add_argument("--limit", type=positive_int, default=None, help="corrupt a fixed pseudo-random subset of this many images (as eval --limit)")
+    co.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the corruptions' randomness (default 0)")
     co.add_argument("--quiet", action="store_true", help="no progress bars")
     return co
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
     src = resolve_split_dir(resolve_default(args.data, DEFAULT_DATA, "data"), args.split)
-    out_dir = ensure_writable_dir(args.out)
+    out_dir = check_output_dir(args.out)  # each corruption's tree is created, atomically, once it is complete
     start = time.perf_counter()
     for name in tqdm(names, desc="corruptions", unit="corruption", disable=args.quiet):
         corrupt_folder(src, out_dir / name, name, args.severity, args.seed, args.limit, progress=not args.quiet)

@@ -1,10 +1,18 @@
-"""What every command shares: method-option flags, defaults from shared/, small validators."""
+"""What every command shares: method-option flags, defaults from shared/, small validators.
+
+Flag values are checked where argparse parses them (the `type=` functions below), so a bad
+value is one `vitbudget: error: argument --x: ...` line and exit 2 before anything loads;
+problems with what a flag names (a model, data, an output directory) are exit 1.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import math
+import sys
+from typing import Any, Callable
 
+from ..data.loader import MAX_WORKERS
 from ..defaults import default_path
 from ..errors import ConfigError
 from ..methods import METHODS
@@ -21,7 +29,7 @@ def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
                 continue
             names.append(field.name)
             kind = type(field.default) if field.default is not dataclasses.MISSING and field.default is not None else str
-            kind = {bool: parse_bool}.get(kind, kind)
+            kind = {bool: parse_bool, float: finite_float}.get(kind, kind)
             group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
                                help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
     return names
@@ -52,3 +60,78 @@ def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 def check_repeats(args: argparse.Namespace) -> None:
     if args.latency_repeats <= 0 or args.throughput_repeats <= 0:
         raise ConfigError(f"--latency-repeats and --throughput-repeats must be positive, got {args.latency_repeats}, {args.throughput_repeats}")
+
+
+# -- argparse `type=` functions: one clear line per bad value --
+def bounded(kind: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse `type=`: `kind(text)` where `ok` holds, else one line saying `what` was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = bounded(int, "a positive integer", lambda v: v > 0)
+nonnegative_int = bounded(int, "an integer >= 0", lambda v: v >= 0)
+finite_float = bounded(float, "a finite number", math.isfinite)
+positive_float = bounded(float, "a positive finite number", lambda v: math.isfinite(v) and v > 0)
+nonnegative_float = bounded(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+workers_count = bounded(int, f"a number of worker processes from 0 to {MAX_WORKERS}", lambda v: 0 <= v <= MAX_WORKERS)
+
+
+def device_arg(text: str) -> str:
+    """A device this machine has (cpu, cuda[:N], mps); checked at parse time."""
+    from ..devices import resolve_device
+
+    try:
+        return str(resolve_device(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def split_list(text: str) -> list[str]:
+    """'test' or 'a,b,c': at least one non-empty split name, none twice."""
+    splits = [s.strip() for s in text.split(",")]
+    if not all(splits):
+        raise argparse.ArgumentTypeError(f"expected split names separated by commas, got {text!r}")
+    if len(set(splits)) != len(splits):
+        raise argparse.ArgumentTypeError(f"a split is named twice in {text!r}")
+    return splits
+
+
+# -- data for a model: labels by class name --
+def add_class_mismatch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-class-mismatch", action="store_true",
+                        help="evaluate even when class folders are not the model's classes (labels then follow sorted folder names)")
+
+
+def open_dataset(path: str, split: str | None, model, transform, allow_class_mismatch: bool = False, said: set[str] | None = None):
+    """ImageFolder whose labels are the model's output indices (by class name where the model has names).
+
+    Prints a note on stderr whenever labels do not simply follow the model's own names; `said`
+    collects the notes already printed, so a command opening several splits says each once.
+    """
+    from ..data import ImageFolder
+    from ..errors import DataError
+
+    dataset = ImageFolder(path, split, transform, label_names=model.info.classes, allow_class_mismatch=allow_class_mismatch)
+    if max(dataset.class_to_idx.values()) >= model.cfg.num_classes:
+        raise DataError(f"the data has {len(dataset.classes)} class folders but the model only {model.cfg.num_classes} outputs "
+                        f"(folders: {', '.join(dataset.classes)})")
+    said = set() if said is None else said
+    if dataset.label_note and dataset.label_note not in said:
+        said.add(dataset.label_note)
+        print(f"vitbudget: note: {dataset.label_note}", file=sys.stderr)
+    return dataset
+
+
+def label_source(dataset) -> str:
+    """How a dataset's labels were assigned, for results files (see data.folder.class_labels)."""
+    return "the model's class names" if dataset.labels_by_name else "sorted class-folder names"

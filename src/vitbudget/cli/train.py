@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
 from ..methods import METHODS
-from .options import add_method_option_flags, method_options, resolve_default
+from .options import (add_method_option_flags, device_arg, method_options, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                      resolve_default, workers_count)
 
 EPILOG = """examples:
   vitbudget train --recipe smoke --out runs/smoke          # seconds: checks an installation
@@ -33,19 +35,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run directory: checkpoints, final model, log")
     tr.add_argument("--init", default=None, help="start from this checkpoint instead of random weights (fine-tuning)")
     tr.add_argument("--teacher", default=None, help="frozen teacher checkpoint for distillation (default for distilling recipes: --init)")
-    tr.add_argument("--distill-weight", type=float, default=None, help="weight of KL(teacher||student)")
-    tr.add_argument("--epochs", type=float, default=None, help="override the recipe's epochs")
-    tr.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
-    tr.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
-    tr.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    tr.add_argument("--train-limit", type=int, default=None, help="train on a fixed subset of this many images")
-    tr.add_argument("--eval-limit", type=int, default=None, help="test images evaluated after each epoch")
-    tr.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    tr.add_argument("--distill-weight", type=nonnegative_float, default=None, help="weight of KL(teacher||student)")
+    tr.add_argument("--epochs", type=positive_float, default=None, help="override the recipe's epochs")
+    tr.add_argument("--lr", type=positive_float, default=None, help="override the recipe's peak learning rate")
+    tr.add_argument("--batch-size", type=positive_int, default=None, help="override the recipe's batch size")
+    tr.add_argument("--seed", type=nonnegative_int, default=None, help="override the recipe's seed")
+    tr.add_argument("--train-limit", type=positive_int, default=None, help="train on a fixed subset of this many images")
+    tr.add_argument("--eval-limit", type=positive_int, default=None, help="test images evaluated after each epoch")
+    tr.add_argument("--save-every", type=positive_int, default=None, help="checkpoint every N steps")
     tr.add_argument("--freeze", action="append", default=None, help="freeze parameters whose name contains this (repeatable)")
     tr.add_argument("--lr-scale", action="append", default=None, metavar="PATTERN=SCALE", help="learning-rate multiplier for parameters whose name contains PATTERN (repeatable)")
     tr.add_argument("--method", default=None, choices=sorted(METHODS), help="train this method around the ViT (default: the recipe's)")
-    tr.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
-    tr.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    tr.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
+    tr.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_method_option_flags(tr)
     return tr
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             lr_scales = [(p, float(s)) for p, s in (item.rsplit("=", 1) for item in args.lr_scale)]
         except ValueError:
             raise ConfigError(f"--lr-scale takes PATTERN=SCALE, got {args.lr_scale}") from None
+        if not all(math.isfinite(s) and s >= 0 for _, s in lr_scales):
+            raise ConfigError(f"--lr-scale SCALE must be a finite number >= 0, got {args.lr_scale}")
     recipe = get_recipe(
         args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
         eval_limit=args.eval_limit, save_every_steps=args.save_every, freeze=args.freeze, lr_scales=lr_scales,

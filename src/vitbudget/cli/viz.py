@@ -7,9 +7,9 @@ import torch
 
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
-from ..io import ensure_writable_dir
+from ..io import OutputDir
 from ..methods import METHODS, load_method
-from .options import add_method_option_flags, method_options, resolve_default
+from .options import add_class_mismatch_flag, add_method_option_flags, method_options, open_dataset, positive_int, resolve_default
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,38 +21,44 @@ def add_parser(sub) -> argparse.ArgumentParser:
     vz.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
     vz.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
     vz.add_argument("--split", default="test", help="split folder (default: test)")
-    vz.add_argument("--num-images", type=int, default=8, help="images to draw (default 8)")
+    vz.add_argument("--num-images", type=positive_int, default=8, help="images to draw (default 8)")
     vz.add_argument("--out", default="runs/viz", help="output directory (default runs/viz)")
+    add_class_mismatch_flag(vz)
     add_method_option_flags(vz)
     return vz
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import EvalTransform, ImageFolder, subset_indices
+    from ..data import EvalTransform, subset_indices
     from ..models import load_model
     from ..report import denormalize, save_token_maps
 
-    out_dir = ensure_writable_dir(args.out)
+    name = f"{args.method}_tokens.png"
+    out = OutputDir(args.out, [name])
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     model = load_model(model_path)
     method = load_method(model_path, args.method, **method_options(args, args.method))
-    dataset = ImageFolder(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
-    if args.num_images <= 0:
-        raise ConfigError(f"--num-images must be positive, got {args.num_images}")
+    dataset = open_dataset(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, model,
+                           EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
     indices = subset_indices(len(dataset), args.num_images)
     images = torch.stack([dataset[i][0] for i in indices])
     labels = [dataset.targets[i] for i in indices]
     with torch.inference_mode():
-        out = method(images)
-    token_map = method.token_map(out)
+        result = method(images)
+    token_map = method.token_map(result)
     if token_map is None:
         raise ConfigError(f"method {args.method!r} draws no token map")
-    names = dataset.classes
-    preds = out.logits.argmax(1).tolist()
-    titles = [f"{names[t]} → {names[p]}" for t, p in zip(labels, preds)]
+    names = model.info.classes if dataset.labels_by_name else dataset.classes  # the name of each label index
+    preds = result.logits.argmax(1).tolist()
+    titles = [f"{label_name(names, t)} → {label_name(names, p)}" for t, p in zip(labels, preds)]
     desc = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
-    path = out_dir / f"{args.method}_tokens.png"
-    save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, path,
-                    titles=titles, suptitle=f"{args.method} ({desc}) — true → predicted")
-    print(f"wrote {path}")
+    with out.publish() as stage:
+        save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, stage / name,
+                        titles=titles, suptitle=f"{args.method} ({desc}) — true → predicted")
+    print(f"wrote {out.path / name}")
     return 0
+
+
+def label_name(names: list[str], index: int) -> str:
+    """A label's class name; outputs beyond the known names (a folder with fewer classes) show as #index."""
+    return names[index] if index < len(names) else f"#{index}"

@@ -54,14 +54,17 @@ def unpack(archive: str | os.PathLike, cache: Path | None = None) -> Path:
     for suffix in ARCHIVE_SUFFIXES:
         stem = stem.removesuffix(suffix)
     dest = (cache or cache_root()) / "datasets" / f"{stem}-{sha[:16]}"
-    manifest = dest / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("sha256") == sha and recorded.get("files") == _count_files(dest):
-            return dest
-        shutil.rmtree(dest)  # damaged or stale: unpack again
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    if _is_complete(dest, sha):
+        return dest
+    try:
+        if dest.is_dir() and not dest.is_symlink():  # damaged, stale or half-written: unpack again
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    except OSError as exc:
+        raise DataError(f"cannot unpack {str(archive)!r} into the cache {str(dest.parent)!r}: {exc.strerror or exc}") from exc
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
@@ -69,8 +72,22 @@ def unpack(archive: str | os.PathLike, cache: Path | None = None) -> Path:
         (tmp / MANIFEST).write_text(json.dumps({"archive": str(archive), "sha256": sha, "files": files}))
         os.replace(tmp, dest)
     except (tarfile.TarError, OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and _is_complete(dest, sha):  # another process unpacked it meanwhile
+            return dest
         raise DataError(f"cannot unpack {str(archive)!r}: {exc}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _is_complete(dest: Path, sha: str) -> bool:
+    """True when `dest` holds a finished unpack of the archive with this SHA-256, nothing missing.
+
+    An unreadable or malformed manifest counts as damage (the caller unpacks again), never as an error.
+    """
+    try:
+        recorded = json.loads((dest / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("sha256") == sha and recorded.get("files") == _count_files(dest)

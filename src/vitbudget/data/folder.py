@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -16,13 +17,41 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB, turning PIL's many failure modes into one DataError."""
+    """Decode an image as 8-bit RGB, turning PIL's many failure modes into one DataError.
+
+    16-bit greyscale (PNG, TIFF) is scaled to 8 bits (PIL's own RGB conversion would clip
+    everything above 255 to white); 32-bit integer and float images have no agreed range and
+    are refused, as are images larger than PIL's decompression-bomb limit.
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clearer message
+            with Image.open(path) as img:
+                if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(_too_large(path, img.width, img.height))
+                img.load()
+                return to_rgb(img, path)
+    except Image.DecompressionBombError:
+        raise DataError(_too_large(path)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {str(path)!r}: {exc}") from exc
+
+
+def _too_large(path, width: int | None = None, height: int | None = None) -> str:
+    size = f" ({width}x{height} pixels)" if width else ""
+    return (f"image {str(path)!r}{size} is larger than the {Image.MAX_IMAGE_PIXELS} pixels PIL decodes safely "
+            "(a possible decompression bomb); resize it first")
+
+
+def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> Image.Image:
+    """8-bit RGB from any PIL mode we can interpret without guessing a value range."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # 16-bit greyscale
+        pixels = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.round(pixels / 257.0).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(f"cannot read image {str(path)!r}: {kind} pixels have no standard range; save it as 8- or 16-bit")
+    return img.convert("RGB")
 
 
 def find_split(root: Path, split: str | None) -> Path:
@@ -51,23 +80,34 @@ def resolve_split_dir(path: str | os.PathLike, split: str | None) -> Path:
 
 
 class ImageFolder(Dataset):
-    """Samples (image, label) with labels from sorted class-folder names, as torchvision does.
+    """Samples (image, label) from root/<class>/<image>.
+
+    Labels follow sorted class-folder names, as torchvision's do, unless `label_names` (a
+    model's class names, one per output) is given: then a folder's label is its name's index
+    there, so a split holding only some of the model's classes is labelled correctly. A folder
+    the model does not know is a DataError naming both lists; `allow_class_mismatch=True`
+    evaluates anyway, with labels in sorted folder order. `label_note` says, in one line,
+    whenever labels do not simply follow the model's own names (None when they do).
 
     transform(image, rng) -> tensor; `rng_for(index)` supplies a per-sample generator so
     augmentation is reproducible whatever worker process decodes the sample.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str | None = None, transform: Callable | None = None):
+    def __init__(
+        self, root: str | os.PathLike, split: str | None = None, transform: Callable | None = None, *,
+        label_names: Sequence[str] | None = None, allow_class_mismatch: bool = False,
+    ):
         self.root = resolve_split_dir(root, split)
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise DataError(f"no class folders in {str(self.root)!r} (expected root/<class>/<image>)")
-        self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(self.root / name)):
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not self.samples:
+        files = {name: [os.path.join(dirpath, f) for dirpath, _, names in sorted(os.walk(self.root / name))
+                        for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)] for name in self.classes}
+        if not any(files.values()):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(self.root)!r}")
+        self.class_to_idx, self.label_note = class_labels(self.classes, label_names, allow_class_mismatch, where=str(self.root))
+        self.labels_by_name = label_names is not None and self.label_note is None
+        self.samples: list[tuple[str, int]] = [(path, self.class_to_idx[name]) for name in self.classes for path in files[name]]
         self.transform = transform
         self.seed = 0
         self.epoch = 0
@@ -93,3 +133,34 @@ class ImageFolder(Dataset):
         if self.transform is None:
             return image, label
         return self.transform(image, self.rng_for(index)), label
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def class_labels(
+    folders: Sequence[str], label_names: Sequence[str] | None, allow_mismatch: bool = False, where: str = "the data",
+) -> tuple[dict[str, int], str | None]:
+    """Each class folder's label, and a one-line note when labels do not follow the model's names.
+
+    - no names (e.g. a plain timm state dict): sorted folder order, and a note saying so;
+    - names: the index of the folder's name among them (a subset of the classes is fine);
+      an unknown folder is a DataError naming both lists, or with `allow_mismatch` sorted
+      folder order and a note warning that labels may not be the model's classes.
+    """
+    sorted_order = {name: i for i, name in enumerate(folders)}
+    if label_names is None:
+        return sorted_order, ("the model has no class names; labels follow the sorted class-folder names "
+                              f"({', '.join(f'{n}={i}' for n, i in list(sorted_order.items())[:4])}{', ...' if len(folders) > 4 else ''})")
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [name for name in folders if name not in index]
+    if not unknown:
+        return {name: index[name] for name in folders}, None
+    if not allow_mismatch:
+        raise DataError(f"class folders of {where} are not the model's classes: {_listing(unknown)} unknown to the model; "
+                        f"folders {_listing(list(folders))}, model classes {_listing(list(label_names))} "
+                        "(--allow-class-mismatch evaluates anyway, labels in sorted folder order)")
+    return sorted_order, (f"class folders {_listing(unknown)} are not among the model's classes; as asked "
+                          "(--allow-class-mismatch), labels follow the sorted folder names and may not mean what the model's outputs mean")

@@ -34,8 +34,21 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
 
 
-def make_loader(dataset: Dataset, order: Sequence[int], batch_size: int, workers: int | None = None, drop_last: bool = False) -> DataLoader:
+MAX_WORKERS = 64  # data-loading processes; beyond this they only cost memory
+
+
+def check_loader_args(batch_size: int, workers: int | None) -> int:
+    """The worker count to use; ConfigError for a batch size or worker count torch would choke on."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be an integer from 0 to {MAX_WORKERS}, got {workers!r}")
+    return workers
+
+
+def make_loader(dataset: Dataset, order: Sequence[int], batch_size: int, workers: int | None = None, drop_last: bool = False) -> DataLoader:
+    workers = check_loader_args(batch_size, workers)
     return DataLoader(
         dataset,
         batch_size=batch_size,

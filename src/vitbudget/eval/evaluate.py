@@ -10,6 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.loader import iterate, make_loader
+from ..devices import resolve_device
 from ..methods.base import Method
 from . import metrics
 from ..runtime.cost import dense_macs, executed_macs_per_image, macs_per_image
@@ -90,6 +91,7 @@ def evaluate(
     latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Predictions]]:
     """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default)."""
+    device = resolve_device(device)
     baseline = baseline or next(iter(methods))
     results, preds = {}, {}
     for name, method in methods.items():

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import load_method, make_options
 from . import metrics
@@ -69,11 +70,13 @@ SUITES: dict[str, list[SuiteEntry]] = {
 }
 
 
-def load_suite(name_or_path: str) -> list[SuiteEntry]:
+def load_suite(name_or_path: str, check_files: bool = True) -> list[SuiteEntry]:
     """A named suite, or a JSON file: {"entries": [{"label", "method", "options"?, "seeded"?, "model"?}, ...]}.
 
-    Everything is checked before any work starts: unknown keys, methods and options, duplicate
-    labels, and missing checkpoints (relative paths are taken from the working directory).
+    Everything is checked before any work starts: unknown keys, value types, methods and
+    options, duplicate labels, and (unless `check_files` is False, e.g. to validate a committed
+    suite whose checkpoints are trained later) missing checkpoints; relative paths are taken
+    from the working directory.
     """
     if name_or_path in SUITES:
         return SUITES[name_or_path]
@@ -97,8 +100,12 @@ def load_suite(name_or_path: str) -> list[SuiteEntry]:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         entry = SuiteEntry(**item)
+        types = {"label": str, "method": str, "options": dict, "seeded": bool, "model": (str, type(None))}
+        wrong = [k for k, kind in types.items() if not isinstance(getattr(entry, k), kind)]
+        if wrong:
+            raise ConfigError(f"{where}: {', '.join(wrong)} has the wrong type (label, method, model: strings; options: an object; seeded: true/false)")
         make_options(entry.method, {**entry.options, **({"seed": 0} if entry.seeded else {})})  # unknown method/option -> ConfigError
-        if entry.model is not None and not Path(entry.model).is_file():
+        if check_files and entry.model is not None and not Path(entry.model).is_file():
             raise CheckpointError(f"{where} ({entry.label!r}): checkpoint {entry.model!r} not found")
         entries.append(entry)
     labels = [e.label for e in entries]
@@ -107,12 +114,26 @@ def load_suite(name_or_path: str) -> list[SuiteEntry]:
     return entries
 
 
+def check_suite_classes(entries: Sequence[SuiteEntry], model_path: str | os.PathLike, classes: Sequence[str] | None) -> None:
+    """Every entry's checkpoint must name the same classes as the suite's model (they share one labelled dataset)."""
+    from ..models.loading import read_sidecar, sidecar_path
+
+    for entry in entries:
+        if entry.model is None or Path(entry.model) == Path(model_path):
+            continue
+        theirs = read_sidecar(sidecar_path(entry.model)).get("classes")
+        if classes is not None and theirs is not None and list(theirs) != list(classes):
+            raise ConfigError(f"suite entry {entry.label!r}: checkpoint {entry.model!r} has classes {theirs} "
+                              f"but the suite's model {str(model_path)!r} has {list(classes)}; their top-1 would not be comparable")
+
+
 def run_suite(
     entries: Sequence[SuiteEntry], model_path: str | os.PathLike, dataset, indices: Sequence[int], *, seeds: Sequence[int] = (0,),
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
     latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> dict[str, Any]:
     """Every entry on the same images; the first entry is the reference for ratios and tests."""
+    device = resolve_device(device)
     rows: dict[str, dict[str, Any]] = {}
     correct: dict[str, list[np.ndarray]] = {}
     speed_methods = {}

@@ -49,9 +49,16 @@ class Resolution(Method):
 
     name = "resolution"
 
+    MAX_PATCHES = 4096  # a 64x64 grid: beyond it attention memory, not accuracy, decides whether a run survives
+
     def __init__(self, model: nn.Module, options: ResolutionOptions):
         cfg = model.cfg
         grid = max(1, round_half_up(cfg.grid_size * options.scale))
+        if grid * grid > self.MAX_PATCHES:
+            limit = math.isqrt(self.MAX_PATCHES)
+            raise ConfigError(f"--scale {options.scale:g} turns the {cfg.grid_size}x{cfg.grid_size} patch grid into {grid}x{grid} "
+                              f"({grid * grid} tokens per image); the limit is {self.MAX_PATCHES} ({limit}x{limit}, "
+                              f"--scale {limit / cfg.grid_size:g} for this model)")
         resized = copy.deepcopy(model)
         resized.set_input_size(grid * cfg.patch_size)
         super().__init__(resized, options)

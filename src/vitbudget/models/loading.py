@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path, write_json
+from ..io import OutputDir, write_json
 from .config import ModelInfo, Preprocess, ViTConfig, named_config
 from .vit import VisionTransformer
 
@@ -30,9 +30,38 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint sidecar {str(path)!r} not found (pass --arch NAME for a plain state dict)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint sidecar {str(path)!r} is not valid JSON: {exc}") from exc
+    except OSError as exc:  # a directory, no permission
+        raise CheckpointError(f"cannot read checkpoint sidecar {str(path)!r}: {exc.strerror or exc}") from exc
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"checkpoint sidecar {str(path)!r} has no 'config' entry")
     return meta
+
+
+def model_info_from_sidecar(meta: dict[str, Any], default_name: str) -> ModelInfo:
+    """ModelInfo from a sidecar; ConfigError for a malformed name, preprocessing or class list."""
+    name = meta.get("name", default_name)
+    if not isinstance(name, str):
+        raise ConfigError(f"sidecar 'name' must be a string, got {name!r:.80}")
+    classes = meta.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+            raise ConfigError(f"sidecar 'classes' must be a list of class names, got {classes!r:.80}")
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"sidecar 'classes' names a class twice: {sorted({c for c in classes if classes.count(c) > 1})}")
+    return ModelInfo(
+        name=name,
+        preprocess=Preprocess.from_dict(meta.get("preprocess") or meta.get("normalize")),
+        classes=classes,
+        extra={k: v for k, v in meta.items() if k not in {"config", "preprocess", "normalize", "classes", "name"}},
+    )
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: they evaluate to plausible-looking garbage."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {source} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s), "
+                              f"e.g. {', '.join(bad[:3])}: it is damaged or its training diverged")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -42,8 +71,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors all mean 'unreadable'
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     for key in ("model", "state_dict", "model_ema"):
@@ -52,6 +82,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    check_finite(obj, repr(str(path)))
     return obj
 
 
@@ -85,14 +116,16 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
         return from_timm(source)
     path = Path(source)
     if arch is None:
-        meta = read_sidecar(sidecar_path(path))
-        cfg = ViTConfig.from_dict({**meta["config"], **config_overrides})
-        info = ModelInfo(
-            name=meta.get("name", path.stem),
-            preprocess=Preprocess.from_dict(meta.get("preprocess") or meta.get("normalize")),
-            classes=meta.get("classes"),
-            extra={k: v for k, v in meta.items() if k not in {"config", "preprocess", "normalize", "classes", "name"}},
-        )
+        sidecar = sidecar_path(path)
+        meta = read_sidecar(sidecar)
+        try:
+            cfg = ViTConfig.from_dict(meta["config"])
+            cfg = cfg.replace(**config_overrides) if config_overrides else cfg
+            info = model_info_from_sidecar(meta, path.stem)
+            if info.classes is not None and len(info.classes) != cfg.num_classes:
+                raise ConfigError(f"'classes' lists {len(info.classes)} names for {cfg.num_classes} outputs")
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint sidecar {str(sidecar)!r}: {exc}") from None
     else:
         cfg = named_config(arch, **config_overrides)
         info = ModelInfo(name=arch, preprocess=Preprocess(crop_pct=0.875))  # timm's defaults for these models
@@ -104,16 +137,17 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None, **metadata: Any) -> Path:
-    """Write `path` (.safetensors) and its JSON sidecar atomically; metadata is merged into the sidecar.
+    """Write `path` (.safetensors) and its JSON sidecar together; metadata is merged into the sidecar.
 
-    extra_tensors (a method's own parameters, prefixed) are stored beside the ViT's.
+    Both files are written to a staging directory and then moved into place, the sidecar first,
+    so a reader that finds the weights also finds their sidecar. extra_tensors (a method's own
+    parameters, prefixed) are stored beside the ViT's.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"model files end in .safetensors, got {str(path)!r}")
+    out = OutputDir(path.parent, [sidecar_path(path).name, path.name])
     state = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **(extra_tensors or {})}.items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
     meta = {
         "format": SIDECAR_FORMAT,
         "name": model.info.name,
@@ -124,7 +158,9 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, extra_tensors:
         **model.info.extra,
         **metadata,
     }
-    write_json(sidecar_path(path), meta)
+    with out.publish() as stage:
+        write_json(stage / sidecar_path(path).name, meta)
+        save_file(state, str(stage / path.name))
     return path
 
 
@@ -175,7 +211,9 @@ def _explicit_fc_norm(timm_model: nn.Module) -> bool | None:
 def from_timm(timm_model: nn.Module) -> VisionTransformer:
     cfg = config_from_timm(timm_model)
     model = VisionTransformer(cfg)
-    load_state_dict_strict(model, timm_model.state_dict(), "from the timm model")
+    state = timm_model.state_dict()
+    check_finite(state, "from the timm model")
+    load_state_dict_strict(model, state, "from the timm model")
     pretrained = getattr(timm_model, "pretrained_cfg", None) or {}
     if pretrained.get("mean"):
         model.info.preprocess = Preprocess(mean=tuple(pretrained["mean"]), std=tuple(pretrained["std"]), crop_pct=float(pretrained.get("crop_pct", 1.0)))

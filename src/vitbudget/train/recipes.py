@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +44,12 @@ class Recipe:
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0:
+        if not (self.epochs > 0 and self.batch_size > 0 and self.lr > 0):  # also false for NaN
             raise ConfigError("epochs, batch_size and lr must be positive")
+        if not all(math.isfinite(v) for v in (self.epochs, self.lr, self.min_lr, self.warmup_lr, self.warmup_epochs, self.weight_decay)):
+            raise ConfigError("epochs, lr, min_lr, warmup_lr, warmup_epochs and weight_decay must be finite")
+        if self.save_every_steps <= 0 or self.seed < 0:
+            raise ConfigError(f"save_every_steps must be positive and seed >= 0, got {self.save_every_steps} and {self.seed}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
 

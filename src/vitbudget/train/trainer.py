@@ -13,10 +13,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..eval.evaluate import predict
 from ..runtime.cost import dense_macs
-from ..io import atomic_path, ensure_writable_dir
+from ..io import atomic_path, check_output_dir
 from ..methods import build_method
 from ..methods.base import run_teacher
 from ..methods.checkpoint import save_method
@@ -49,8 +50,8 @@ class Trainer:
         teacher: nn.Module | None = None, device: str = "cpu", workers: int | None = None, progress: bool = True,
     ):
         self.recipe = recipe
-        self.out_dir = ensure_writable_dir(out_dir)
-        self.device = torch.device(device)
+        self.out_dir = check_output_dir(out_dir)  # created by the first checkpoint, so a run that fails to start leaves nothing
+        self.device = resolve_device(device)
         self.workers = workers
         self.progress = progress
         torch.manual_seed(recipe.seed)
@@ -66,11 +67,13 @@ class Trainer:
         train_tf = {
             "pad_crop_flip": PadCropFlip(size, pre), "flip": PadCropFlip(size, pre, padding=0), "none": EvalTransform(size, pre),
         }[recipe.augment]
-        self.train_set = ImageFolder(data, "train", train_tf)
-        self.test_set = ImageFolder(data, "test", EvalTransform(size, pre))
-        if len(self.train_set.classes) != model.cfg.num_classes:
-            raise ConfigError(f"the data has {len(self.train_set.classes)} classes but the model has {model.cfg.num_classes} outputs")
-        model.info.classes = self.train_set.classes
+        names = model.info.classes  # fine-tuning a model that names its classes: labels follow those names
+        self.train_set = ImageFolder(data, "train", train_tf, label_names=names)
+        if names is None:  # a new model: its classes are the training folders, and the saved model names them
+            if len(self.train_set.classes) != model.cfg.num_classes:
+                raise ConfigError(f"the data has {len(self.train_set.classes)} classes but the model has {model.cfg.num_classes} outputs")
+            names = model.info.classes = self.train_set.classes
+        self.test_set = ImageFolder(data, "test", EvalTransform(size, pre), label_names=names)
         self.method = build_method(recipe.method, model, **recipe.method_options).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         if recipe.distill_weight and self.teacher is None:
@@ -93,8 +96,7 @@ class Trainer:
     def save_state(self) -> None:
         state = {
             "step": self.step, "recipe": self.recipe.to_dict(), "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "log": self.log,
-            "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(), **rng_state(), "log": self.log, "elapsed": self.elapsed,
         }
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
@@ -111,7 +113,7 @@ class Trainer:
             raise CheckpointError(f"{str(self.state_path)!r} was written by a different recipe (differs in {', '.join(changed)}); use another --out or delete it")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state)
         self.step, self.log, self.elapsed = state["step"], state["log"], state["elapsed"]
         return True
 
@@ -182,3 +184,22 @@ class Trainer:
         metrics = self.evaluate(recipe.final_eval_limit)
         path = save_method(self.method, self.out_dir / MODEL_FILE, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1))
         return TrainResult(path, metrics, self.log)
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG streams training draws from (dropout, DropPath, Gumbel noise): CPU, and every CUDA device.
+
+    Data order and augmentation need none: they are functions of (seed, epoch, index).
+    """
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo `rng_state`; CUDA streams are restored where this machine has those devices (training on the CPU draws none)."""
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        for index, device_state in enumerate(state["cuda_rng"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
