@@ -21,6 +21,8 @@ if [ "$job" = test ]; then
   # is a CUDA build here, so it is installed without dependencies (see tests/test_timm_equivalence.py).
   "${pip[@]}" --no-deps timm==1.0.31 || echo "timm not installed: the timm equivalence test will skip"
   "${pip[@]}" pyyaml huggingface_hub || true
+  # transformers (optional extra `hf`): the Hugging Face equality tests must run in CI, so no fallback
+  "${pip[@]}" -e ".[hf]" transformers==5.23.0
   # the corruption package (optional extra) so the robustness tests run for real; they skip without it
   "${pip[@]}" -e ".[robustness]" || echo "imagecorruptions-imaug not installed: its tests will skip"
 fi

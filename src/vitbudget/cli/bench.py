@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_path)
     transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
     splits = [s for s in args.split.split(",") if s]
-    datasets = {split: ImageFolder(data_path, split, transform) for split in splits}  # fail fast on a bad split
+    datasets = {split: ImageFolder(data_path, split, transform, unlabeled=model.cfg.num_classes == 0) for split in splits}  # fail fast on a bad split
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
     results = {}
@@ -87,11 +87,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def robustness_table(results: dict[str, dict]) -> str:
-    """Rows: methods; columns: splits (e.g. corruption types) and their mean; cells: top-1 mean."""
+    """Rows: methods; columns: splits (e.g. corruption types) and their mean; cells: top-1 mean (cosine for a backbone)."""
     splits = list(results)
     labels = list(next(iter(results.values()))["rows"])
+    key = "top1_mean" if "top1_mean" in results[splits[0]]["rows"][labels[0]] else "cosine_mean"
     lines = ["| method | " + " | ".join(splits) + " | mean |", "|---|" + "---|" * (len(splits) + 1)]
     for label in labels:
-        values = [results[s]["rows"][label]["top1_mean"] for s in splits]
+        values = [results[s]["rows"][label][key] for s in splits]
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
     return "\n".join(lines) + "\n"

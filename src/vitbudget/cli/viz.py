@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     model = load_model(model_path)
     method = load_method(model_path, args.method, **method_options(args, args.method))
-    dataset = ImageFolder(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
+    headless = model.cfg.num_classes == 0  # a backbone: its outputs are features, compared with the unpruned model's
+    dataset = ImageFolder(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, EvalTransform(model.cfg.img_size, model.info.preprocess),
+                          unlabeled=headless)
     if args.num_images <= 0:
         raise ConfigError(f"--num-images must be positive, got {args.num_images}")
     indices = subset_indices(len(dataset), args.num_images)
@@ -48,11 +50,18 @@ def run(args: argparse.Namespace) -> int:
     if token_map is None:
         raise ConfigError(f"method {args.method!r} draws no token map")
     names = dataset.classes
-    preds = out.logits.argmax(1).tolist()
-    titles = [f"{names[t]} → {names[p]}" for t, p in zip(labels, preds)]
+    if headless:
+        from ..eval.metrics import cosine_similarity
+
+        with torch.inference_mode():
+            cosine = cosine_similarity(out.logits, model(images)).tolist()
+        titles = [f"{names[t]} cos {c:.3f}".strip() for t, c in zip(labels, cosine)]
+    else:
+        preds = out.logits.argmax(1).tolist()
+        titles = [f"{names[t]} → {names[p]}" for t, p in zip(labels, preds)]
     desc = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
     path = out_dir / f"{args.method}_tokens.png"
     save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, path,
-                    titles=titles, suptitle=f"{args.method} ({desc}) — true → predicted")
+                    titles=titles, suptitle=f"{args.method} ({desc}) — " + ("cosine similarity to the unpruned features" if headless else "true → predicted"))
     print(f"wrote {path}")
     return 0

@@ -57,9 +57,13 @@ class ImageFolder(Dataset):
     augmentation is reproducible whatever worker process decodes the sample.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str | None = None, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str | None = None, transform: Callable | None = None, unlabeled: bool = False):
+        """unlabeled=True also accepts a flat folder of images (no class folders): one class named
+        '' and label 0 for every image, for models whose outputs are not scored against labels."""
         self.root = resolve_split_dir(root, split)
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes and unlabeled and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(self.root)):
+            self.classes = [""]  # root/<image>: os.walk below reads the root itself
         if not self.classes:
             raise DataError(f"no class folders in {str(self.root)!r} (expected root/<class>/<image>)")
         self.samples: list[tuple[str, int]] = []
