@@ -51,7 +51,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, ImageFolder, subset_indices
     from ..data.stats import conversion_notes
-    from ..models.hf import source_notes
     from ..eval.evaluate import evaluate, predictions_arrays
     from ..eval.machine import machine_info
     from ..models import load_model
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
 
     dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess), unlabeled=model.cfg.num_classes == 0)
-    for line in source_notes(model) + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
+    for line in model.info.notes + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
         print(line, file=sys.stderr)
     if model.info.classes and dataset.classes != model.info.classes:
         print(f"warning: dataset classes {dataset.classes[:5]}... differ from the model's {model.info.classes[:5]}...", file=sys.stderr)

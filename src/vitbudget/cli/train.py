@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     data = resolve_default(args.data, DEFAULT_DATA, "data")
     init = load_model(args.init) if args.init else None
-    notes: list[str] = []
+    notes: list[str] = list(init.info.notes) if init is not None else []
     if args.recipe in GENERIC:
         if init is not None and args.img_size and args.img_size != init.cfg.img_size:
             notes.append(f"note: --img-size {args.img_size}: the checkpoint's position embeddings resampled from {init.cfg.img_size} px")

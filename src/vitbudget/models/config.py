@@ -144,8 +144,8 @@ class Preprocess:
     """How images become model input; stored in the checkpoint sidecar.
 
     resize: 'shortest' scales the short side to img_size / crop_pct and centre-crops (timm's
-    eval); 'squash' resizes both sides to img_size, ignoring the aspect ratio (Hugging Face's
-    ViT image processor).
+    eval); 'squash' resizes both sides to img_size / crop_pct, ignoring the aspect ratio, then
+    centre-crops (Hugging Face's ViT image processor, crop_pct 1).
     """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -183,3 +183,4 @@ class ModelInfo:
     preprocess: Preprocess = field(default_factory=Preprocess)
     classes: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what loading adapted (resampled positions...): printed by commands, not saved

@@ -95,7 +95,8 @@ REFUSED = {
 UNSUPPORTED_TYPES = {
     "beit": "BEiT uses relative position bias, which our ViT (absolute position embeddings) does not have",
     "data2vec-vision": "Data2Vec-vision uses relative position bias, which our ViT (absolute position embeddings) does not have",
-    "clip": "a full CLIPModel; pass model.vision_model (a CLIPVisionModel)",
+    "clip": ("a full CLIPModel (image and text towers); pass model.vision_model (a CLIPVisionModel), e.g. "
+             "vb.from_hf(CLIPVisionModel.from_pretrained(path)); its features are the image tower's, before the text-aligned projection"),
     "vit_mae": "ViT-MAE uses fixed sine-cosine position embeddings and random masking in its forward",
 }
 
@@ -283,19 +284,6 @@ def preprocess_from_hf(proc: dict[str, Any]) -> tuple[Preprocess, int | None]:
 
 
 # -- entry points ------------------------------------------------------------------------------
-def source_notes(model: nn.Module) -> list[str]:
-    """One line per adaptation made to a Hugging Face model (resampled positions, left-out tensors), for commands to print."""
-    source = getattr(getattr(model, "info", None), "extra", {}).get("source") or {}
-    if source.get("format") != "huggingface":
-        return []
-    notes = [f"note: {source['architecture']}: {source['resampled']}"] if "resampled" in source else []
-    if source.get("left_out"):
-        notes.append(f"note: {source['architecture']}: not mapped (unused at inference): {', '.join(source['left_out'])}")
-    if "preprocess" in source:
-        notes.append(f"note: {source['architecture']}: {source['preprocess']}")
-    return notes
-
-
 def is_hf_model(obj: Any) -> bool:
     config = getattr(obj, "config", None)
     return isinstance(obj, nn.Module) and config is not None and hasattr(config, "model_type") and hasattr(config, "to_dict")
@@ -388,5 +376,8 @@ def build(hf: dict[str, Any], architecture: str, state: dict[str, Tensor], proc:
         )
     if not proc:
         extra["source"]["preprocess"] = "no image processor given: its family's default mean and std, no crop; pass the processor to keep its own"
-    model.info = ModelInfo(name=name, preprocess=preprocess, classes=class_names(hf) if cfg.num_classes else None, extra=extra)
+    notes = [f"note: {architecture}: {extra['source'][key]}" for key in ("resampled", "preprocess") if key in extra["source"]]
+    if left_out:
+        notes.append(f"note: {architecture}: not mapped (unused at inference): {', '.join(left_out)}")
+    model.info = ModelInfo(name=name, preprocess=preprocess, classes=class_names(hf) if cfg.num_classes else None, extra=extra, notes=notes)
     return model.eval()

@@ -85,8 +85,8 @@ class Trainer:
             model = init
             source = "the --init checkpoint"
             if recipe.new_head and model.cfg.num_classes != len(classes):
-                self.notes.append(f"note: new head: the checkpoint has {model.cfg.num_classes or 'no'} outputs, the data {len(classes)} classes: "
-                                  "a freshly initialised head is trained")
+                have = f"{model.cfg.num_classes} outputs" if model.cfg.num_classes else "no head (a feature extractor)"
+                self.notes.append(f"note: new head: the checkpoint has {have}, the data {len(classes)} classes: a freshly initialised head is trained")
                 model.reset_classifier(len(classes))
                 recipe = recipe.replace(arch=model.cfg.to_dict())
         self.recipe = recipe
