@@ -26,6 +26,8 @@ test_requirements=(
   "pyyaml huggingface_hub"
   # the corruption package (the `robustness` extra), so the corruption tests run for real
   "-e .[robustness]"
+  # transformers (the `hf` extra), for the Hugging Face equality tests
+  "-e .[hf] transformers==5.23.0"
 )
 if [ "$job" = test ]; then
   set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)

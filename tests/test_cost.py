@@ -25,6 +25,10 @@ def counted_flops(model, x, hooks=None):
     [
         ViTConfig(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=10),
         ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=7, mlp_ratio=2.0, reg_tokens=1),
+        # heads of the model families: two (distilled DeiT), one on [CLS, mean] (HF DINOv2's classifier), none (a backbone)
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, dist_token=True),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, global_pool="token_avg"),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0),
     ],
 )
 def test_dense_flops_match_counter(cfg):

@@ -198,3 +198,19 @@ def test_pos_embed_resampling_equals_timms(new_grid, prefix):
     ours = resample_abs_pos_embed(pe, new_grid, num_prefix_tokens=prefix)
     theirs = timm_resample(pe, new_size=list(new_grid), old_size=[4, 4], num_prefix_tokens=prefix)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_sidecars_from_before_new_config_fields_load_unchanged(tmp_path):
+    """act_layer, dist_token and patch_bias came later: a sidecar without them is the model it always was
+    (a pre-norm one kept its patch-embedding bias, which timm's rule would now drop)."""
+    model = make_model(TINY.replace(pre_norm=True, patch_bias=True))
+    path = save_model(model, tmp_path / "old.safetensors")
+    meta = json.loads((tmp_path / "old.json").read_text())
+    for key in ("act_layer", "dist_token", "patch_bias"):
+        del meta["config"][key]
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    loaded = load_model(path)
+    assert loaded.cfg.act_layer == "gelu" and not loaded.cfg.dist_token and loaded.cfg.use_patch_bias
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert "patch_embed.proj.bias" not in VisionTransformer(TINY.replace(pre_norm=True)).state_dict()  # timm's CLIP layout

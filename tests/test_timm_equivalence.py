@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import REFERENCE_MODEL, make_model, missing_anchor, requires_reference
-from vitbudget import from_timm, load_model, run
-from vitbudget.models import ViTConfig
+from vitbudget import ConfigError, from_timm, load_model, run
+from vitbudget.models import NAMED_CONFIGS, VisionTransformer, ViTConfig
 
 
 class _Placeholder(types.ModuleType):
@@ -62,11 +62,17 @@ def _import_timm():
 
 
 def _timm_vit(timm, cfg: ViTConfig):
+    """timm's own class for `cfg`, built from its VisionTransformer keyword arguments."""
+    from functools import partial
+
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     kwargs = cfg.to_dict()
-    kwargs.pop("norm_eps")
-    return VisionTransformer(**kwargs).eval()
+    kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=kwargs.pop("norm_eps"))
+    assert kwargs.pop("patch_bias") is None  # timm derives it: no patch bias iff pre_norm
+    distilled = kwargs.pop("dist_token")
+    return (VisionTransformerDistilled if distilled else VisionTransformer)(**kwargs).eval()
 
 
 @pytest.mark.parametrize(
@@ -75,8 +81,20 @@ def _timm_vit(timm, cfg: ViTConfig):
         ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7),
         ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, init_values=0.1, qk_norm=True),
         ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, global_pool="avg", reg_tokens=2),
+        # the families of issue 13: DeiT III, DINOv2 (patch 14, LayerScale, registers), CLIP (pre-norm, QuickGELU), distilled DeiT
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, init_values=1e-6, no_embed_class=True),
+        ViTConfig(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3, num_classes=0, init_values=1e-5),
+        ViTConfig(img_size=28, patch_size=14, embed_dim=48, depth=2, num_heads=3, num_classes=0, init_values=1e-5, reg_tokens=4,
+                  no_embed_class=True),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, pre_norm=True, norm_eps=1e-5,
+                  act_layer="quick_gelu"),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, pre_norm=True, norm_eps=1e-5),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, dist_token=True),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0, dist_token=True),
+        ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, class_token=False, global_pool="avg"),
     ],
-    ids=["plain", "layerscale-qknorm", "avgpool-registers"],
+    ids=["plain", "layerscale-qknorm", "avgpool-registers", "deit3", "dinov2", "dinov2-registers", "clip-quickgelu", "clip-gelu",
+         "distilled", "distilled-features", "avgpool-no-class-token"],
 )
 def test_logits_equal_timm(cfg):
     timm = _import_timm()
@@ -86,7 +104,7 @@ def test_logits_equal_timm(cfg):
             p.add_(0.05 * torch.randn_like(p))
     ours = make_model(cfg)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, cfg.img_size, cfg.img_size)
     with torch.no_grad():
         expected = theirs(x)
         assert torch.allclose(ours(x), expected, atol=1e-5, rtol=1e-5)
@@ -105,3 +123,39 @@ def test_reference_checkpoint_matches_timm():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED_CONFIGS if n != "vit_tiny_p4_cifar10"])
+def test_named_configs_are_timms_architectures(name):
+    """Each named state-dict shape is what `timm.create_model(name)` builds (at a small width, to stay fast):
+    the same config read back, and the same state-dict names and shapes."""
+    timm = _import_timm()
+    small = dict(depth=1, embed_dim=48, num_heads=3)
+    theirs = timm.create_model(name, pretrained=False, **small)
+    expected = NAMED_CONFIGS[name].replace(**small)
+    got = from_timm(theirs)
+    assert got.cfg.replace(init_values=expected.init_values) == expected
+    if expected.init_values is not None:
+        assert got.cfg.init_values == pytest.approx(expected.init_values)
+    ours = {k: v.shape for k, v in VisionTransformer(expected).state_dict().items()}
+    assert ours == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(global_pool="map"), "attention pooling"),
+        (dict(proj_bias=False), "proj_bias=False"),
+        (dict(final_norm=False), "final_norm=False"),
+        (dict(scale_mlp_norm=True), "scale_attn_norm / scale_mlp_norm"),
+        (dict(act_layer="relu"), "activation ReLU is not supported"),
+        (dict(img_size=(32, 48)), "only square inputs"),
+    ],
+)
+def test_what_timm_has_and_we_do_not_is_a_clear_error(kwargs, message):
+    timm = _import_timm()
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    theirs = TimmViT(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=7), **kwargs})
+    with pytest.raises(ConfigError, match=message):
+        from_timm(theirs)

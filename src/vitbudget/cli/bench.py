@@ -104,11 +104,12 @@ def file_stem(split: str) -> str:
 
 
 def robustness_table(results: dict[str, dict]) -> str:
-    """Rows: methods; columns: splits (e.g. corruption types) and their mean; cells: top-1 mean."""
+    """Rows: methods; columns: splits (e.g. corruption types) and their mean; cells: top-1 mean (cosine for a backbone)."""
     splits = list(results)
     labels = list(next(iter(results.values()))["rows"])
+    key = "top1_mean" if "top1_mean" in results[splits[0]]["rows"][labels[0]] else "cosine_mean"
     lines = ["| method | " + " | ".join(splits) + " | mean |", "|---|" + "---|" * (len(splits) + 1)]
     for label in labels:
-        values = [results[s]["rows"][label]["top1_mean"] for s in splits]
+        values = [results[s]["rows"][label][key] for s in splits]
         lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
     return "\n".join(lines) + "\n"

@@ -55,6 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, subset_indices
+    from ..data.stats import conversion_notes
     from ..eval.evaluate import evaluate, predictions_arrays
     from ..eval.machine import machine_info
     from ..models import load_model
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
 
     dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
+    for line in model.info.notes + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
+        print(line, file=sys.stderr)
     indices = subset_indices(len(dataset), args.limit)
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, speed=not args.no_speed, progress=not args.quiet,

@@ -121,8 +121,10 @@ def open_dataset(path: str, split: str | None, model, transform, allow_class_mis
     from ..data import ImageFolder
     from ..errors import DataError
 
-    dataset = ImageFolder(path, split, transform, label_names=model.info.classes, allow_class_mismatch=allow_class_mismatch)
-    if max(dataset.class_to_idx.values()) >= model.cfg.num_classes:
+    headless = model.cfg.num_classes == 0  # a backbone: features are compared, labels unused
+    dataset = ImageFolder(path, split, transform, label_names=None if headless else model.info.classes,
+                          allow_class_mismatch=allow_class_mismatch, unlabeled=headless)
+    if not headless and max(dataset.class_to_idx.values()) >= model.cfg.num_classes:
         raise DataError(f"the data has {len(dataset.classes)} class folders but the model only {model.cfg.num_classes} outputs "
                         f"(folders: {', '.join(dataset.classes)})")
     said = set() if said is None else said

@@ -13,6 +13,9 @@ from .options import (add_method_option_flags, device_arg, method_options, nonne
                       resolve_default, workers_count)
 
 EPILOG = """examples:
+  vitbudget train --recipe scratch --data flowers/ --out runs/flowers   # any ImageFolder (train/ + test/ or val/)
+  vitbudget train --recipe scratch --data flowers/ --arch vit_small --img-size 64 --patch-size 8 --epochs 30 --out runs/f64
+  vitbudget train --recipe finetune --init model_dir_or.safetensors --data flowers/ --out runs/ft_flowers
   vitbudget train --recipe smoke --out runs/smoke          # seconds: checks an installation
   vitbudget train --recipe vit_tiny_p4_cifar10 --out runs/ref   # reproduces the reference model (~2 h, 2 cores)
   vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
@@ -25,12 +28,19 @@ with its JSON sidecar (config, preprocessing, recipe, per-epoch log, test metric
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from ..train.recipes import RECIPES
+    from ..train.recipes import ARCHS, GENERIC, RECIPES
 
     tr = sub.add_parser("train", help="train a ViT (or a method around one) with a recipe; resumable",
                         description="Train or fine-tune with a named recipe. Re-running the same command resumes.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--recipe", required=True, choices=sorted(RECIPES), help="named recipe")
+    tr.add_argument("--recipe", required=True, choices=[*GENERIC, *sorted(RECIPES)],
+                    help="'scratch' or 'finetune' for any image folder (sizes, classes and normalisation from the data), or a named preset")
+    tr.add_argument("--arch", default=None, choices=sorted(ARCHS), help="scratch: transformer shape (default vit_tiny)")
+    tr.add_argument("--img-size", type=positive_int, default=None, help="scratch: input size (default: the data's most common short side); "
+                    "finetune: resample the checkpoint's position embeddings to this size")
+    tr.add_argument("--patch-size", type=positive_int, default=None, help="scratch: patch size (default 4/8/16 px for images up to 32/96/larger)")
+    tr.add_argument("--num-classes", type=positive_int, default=None, help="scratch: outputs (default: the training split's classes)")
+    tr.add_argument("--eval-split", default=None, help="held-out split evaluated after each epoch (default: test, else val)")
     tr.add_argument("--data", default=None, help=f"ImageFolder with train/ and test/ splits, or an archive; default: shared {DEFAULT_DATA}")
     tr.add_argument("--out", required=True, help="run directory: checkpoints, final model, log")
     tr.add_argument("--init", default=None, help="start from this checkpoint instead of random weights (fine-tuning)")
@@ -55,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import load_model
-    from ..train import Trainer, get_recipe
+    from ..train import GENERIC, Trainer, get_recipe, recipe_for_data
 
     lr_scales = None
     if args.lr_scale:
@@ -65,15 +75,31 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--lr-scale takes PATTERN=SCALE, got {args.lr_scale}") from None
         if not all(math.isfinite(s) and s >= 0 for _, s in lr_scales):
             raise ConfigError(f"--lr-scale SCALE must be a finite number >= 0, got {args.lr_scale}")
-    recipe = get_recipe(
-        args.recipe, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
+    overrides = dict(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
         eval_limit=args.eval_limit, save_every_steps=args.save_every, freeze=args.freeze, lr_scales=lr_scales,
         distill_weight=args.distill_weight, method=args.method,
     )
+    data = resolve_default(args.data, DEFAULT_DATA, "data")
+    init = load_model(args.init) if args.init else None
+    notes: list[str] = list(init.info.notes) if init is not None else []
+    if args.recipe in GENERIC:
+        if init is not None and args.img_size and args.img_size != init.cfg.img_size:
+            notes.append(f"note: --img-size {args.img_size}: the checkpoint's position embeddings resampled from {init.cfg.img_size} px")
+            init.set_input_size(args.img_size)
+        recipe, chosen = recipe_for_data(args.recipe, data, init=init, arch=args.arch or "vit_tiny", img_size=None if init else args.img_size,
+                                         patch_size=args.patch_size, num_classes=args.num_classes)
+        notes += chosen
+        recipe = recipe.replace(**{k: v for k, v in overrides.items() if v is not None})
+    else:
+        shape = {"--arch": args.arch, "--img-size": args.img_size, "--patch-size": args.patch_size, "--num-classes": args.num_classes}
+        given = [flag for flag, value in shape.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to the generic recipes 'scratch' and 'finetune', not to preset {args.recipe!r}")
+        recipe = get_recipe(args.recipe, **overrides)
     options = method_options(args, recipe.method)
     if options:
         recipe = recipe.replace(method_options={**recipe.method_options, **options})
-    init = load_model(args.init) if args.init else None
     if init is not None:
         recipe = recipe.replace(arch=init.cfg.to_dict())
     teacher = load_model(args.teacher) if args.teacher else None
@@ -83,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
         if args.init is None:
             raise ConfigError(f"recipe {recipe.name!r} distils from a teacher: pass --init CKPT (the teacher defaults to it) or --teacher CKPT")
         teacher = load_model(args.init)
-    data = resolve_default(args.data, DEFAULT_DATA, "data")
-    trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet)
+    trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet,
+                      eval_split=args.eval_split)
+    for line in notes + trainer.notes:
+        print(line, file=sys.stderr)
     if trainer.state_path.is_file():
         print(f"resuming from {trainer.state_path}", file=sys.stderr)
     result = trainer.fit()

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     model = load_model(model_path)
     method = load_method(model_path, args.method, **method_options(args, args.method))
+    headless = model.cfg.num_classes == 0  # a backbone: its outputs are features, compared with the unpruned model's
     dataset = open_dataset(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, model,
                            EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
     indices = subset_indices(len(dataset), args.num_images)
@@ -49,12 +50,19 @@ def run(args: argparse.Namespace) -> int:
     if token_map is None:
         raise ConfigError(f"method {args.method!r} draws no token map")
     names = model.info.classes if dataset.labels_by_name else dataset.classes  # the name of each label index
-    preds = result.logits.argmax(1).tolist()
-    titles = [f"{label_name(names, t)} → {label_name(names, p)}" for t, p in zip(labels, preds)]
+    if headless:
+        from ..eval.metrics import cosine_similarity
+
+        with torch.inference_mode():
+            cosine = cosine_similarity(result.logits, model(images)).tolist()
+        titles = [f"{label_name(names, t)} cos {c:.3f}".strip() for t, c in zip(labels, cosine)]
+    else:
+        preds = result.logits.argmax(1).tolist()
+        titles = [f"{label_name(names, t)} → {label_name(names, p)}" for t, p in zip(labels, preds)]
     desc = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
     with out.publish() as stage:
-        save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, stage / name,
-                        titles=titles, suptitle=f"{args.method} ({desc}) — true → predicted")
+        save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, stage / name, titles=titles,
+                        suptitle=f"{args.method} ({desc}) — " + ("cosine similarity to the unpruned features" if headless else "true → predicted"))
     print(f"wrote {out.path / name}")
     return 0
 

@@ -95,17 +95,25 @@ class ImageFolder(Dataset):
 
     def __init__(
         self, root: str | os.PathLike, split: str | None = None, transform: Callable | None = None, *,
-        label_names: Sequence[str] | None = None, allow_class_mismatch: bool = False,
+        label_names: Sequence[str] | None = None, allow_class_mismatch: bool = False, unlabeled: bool = False,
     ):
+        """unlabeled=True (a model with no head: outputs are not scored against labels) also accepts
+        a flat folder of images (one class named '' and label 0 for every image) and skips the
+        class-name checks."""
         self.root = resolve_split_dir(root, split)
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes and unlabeled and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(self.root)):
+            self.classes = [""]  # root/<image>: os.walk below reads the root itself
         if not self.classes:
             raise DataError(f"no class folders in {str(self.root)!r} (expected root/<class>/<image>)")
         files = {name: [os.path.join(dirpath, f) for dirpath, _, names in sorted(os.walk(self.root / name))
                         for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)] for name in self.classes}
         if not any(files.values()):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(self.root)!r}")
-        self.class_to_idx, self.label_note = class_labels(self.classes, label_names, allow_class_mismatch, where=str(self.root))
+        if unlabeled:
+            self.class_to_idx, self.label_note = {name: i for i, name in enumerate(self.classes)}, None
+        else:
+            self.class_to_idx, self.label_note = class_labels(self.classes, label_names, allow_class_mismatch, where=str(self.root))
         self.labels_by_name = label_names is not None and self.label_note is None
         self.samples: list[tuple[str, int]] = [(path, self.class_to_idx[name]) for name in self.classes for path in files[name]]
         self.transform = transform

@@ -14,7 +14,11 @@ _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Im
 
 
 class EvalTransform:
-    """Resize the short side to img_size / crop_pct, centre-crop img_size, normalise (timm's eval)."""
+    """Resize the short side to img_size / crop_pct, centre-crop img_size, normalise (timm's eval).
+
+    Any size and aspect ratio is accepted (smaller images are upscaled); with the preprocess's
+    resize='squash' both sides go to img_size / crop_pct, as Hugging Face's ViT processor does.
+    """
 
     def __init__(self, img_size: int, preprocess: Preprocess):
         self.img_size = img_size
@@ -25,8 +29,12 @@ class EvalTransform:
     def resize_crop(self, image: Image.Image) -> np.ndarray:
         size = self.img_size
         if image.size != (size, size):
-            scale = math.floor(size / self.pre.crop_pct) / min(image.size)
-            new = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+            side = math.floor(size / self.pre.crop_pct)
+            if self.pre.resize == "squash":
+                new = (side, side)
+            else:
+                scale = side / min(image.size)
+                new = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
             image = image.resize(new, _RESAMPLE.get(self.pre.interpolation, Image.BILINEAR))
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))

@@ -24,9 +24,10 @@ class Predictions:
     macs: Tensor  # (N,) float64, per image from its real token counts
     executed_macs: float  # mean per image including padding
     token_depth: Tensor  # (N,) float64, blocks executed per input token, averaged over the image's tokens
+    features: bool = False  # `logits` are pooled features (a model without a head): nothing to score against labels
 
     def summary(self, base_macs: float) -> dict[str, float]:
-        out = metrics.summarize(self.logits, self.labels)
+        out = {} if self.features else metrics.summarize(self.logits, self.labels)
         out["gflops"] = float(self.macs.mean()) / 1e9
         out["gflops_p05"], out["gflops_p95"] = (float(q) / 1e9 for q in self.macs.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64)))
         out["token_depth"] = float(self.token_depth.mean())
@@ -56,7 +57,8 @@ def predict(
         depth.append(torch.stack(out.record.attn_tokens).sum(0).double().cpu() / tokens_in)
         bar.update(len(targets))
     bar.close()
-    return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices), torch.cat(depth))
+    return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices), torch.cat(depth),
+                       features=cfg.num_classes == 0)
 
 
 def measure_speed(
@@ -102,7 +104,10 @@ def evaluate(
         for name, entry in measure_speed(methods, dataset, indices, device, latency_repeats=latency_repeats,
                                          throughput_repeats=throughput_repeats, baseline=baseline).items():
             results[name].update(entry)
-    if baseline in preds:
+    if baseline in preds and preds[baseline].features:  # no labels to score: similarity to the baseline's features
+        for name, pred in preds.items():
+            results[name]["cosine_to_baseline"] = float(metrics.cosine_similarity(pred.logits, preds[baseline].logits).mean())
+    elif baseline in preds:
         for name, pred in preds.items():
             if name != baseline:
                 results[name]["mcnemar_vs_baseline"] = metrics.mcnemar(
@@ -112,13 +117,18 @@ def evaluate(
 
 
 def predictions_arrays(preds: dict[str, Predictions]) -> dict[str, np.ndarray]:
-    """Per-image arrays for later paired tests (McNemar, bootstrap): labels, predictions, confidences, FLOPs."""
+    """Per-image arrays for later paired tests (McNemar, bootstrap): labels, predictions, confidences, FLOPs
+    (feature extractors: cosine similarity to the baseline's features instead of predictions)."""
     arrays: dict[str, np.ndarray] = {}
+    reference = next(iter(preds.values()), None)
     for name, p in preds.items():
+        arrays["labels"] = p.labels.numpy()
+        arrays[f"{name}/macs"] = p.macs.numpy()
+        arrays[f"{name}/token_depth"] = p.token_depth.numpy()
+        if p.features:  # per-image cosine similarity to the first (baseline) method's features
+            arrays[f"{name}/cosine"] = metrics.cosine_similarity(p.logits, reference.logits).numpy()
+            continue
         probs = p.logits.softmax(dim=1)
         arrays[f"{name}/pred"] = p.logits.argmax(1).numpy()
         arrays[f"{name}/confidence"] = probs.max(dim=1).values.numpy()
-        arrays[f"{name}/macs"] = p.macs.numpy()
-        arrays[f"{name}/token_depth"] = p.token_depth.numpy()
-        arrays["labels"] = p.labels.numpy()
     return arrays

@@ -55,8 +55,13 @@ def mean_std(values) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def cosine_similarity(features: Tensor, reference: Tensor) -> Tensor:
+    """(N,) cosine similarity of each image's features to the reference's (e.g. the unpruned model's), in float64."""
+    return F.cosine_similarity(features.double(), reference.double(), dim=1, eps=1e-12)
+
+
 def summarize(logits: Tensor, labels: Tensor) -> dict[str, float]:
     return {"top1": 100 * top1(logits, labels), "ece": 100 * ece(logits, labels), "nll": nll(logits, labels)}
 
 
-__all__ = ["ece", "mcnemar", "mean_std", "nll", "paired_ttest", "summarize", "top1"]
+__all__ = ["cosine_similarity", "ece", "mcnemar", "mean_std", "nll", "paired_ttest", "summarize", "top1"]

@@ -67,6 +67,13 @@ SUITES: dict[str, list[SuiteEntry]] = {
         SuiteEntry("ABS (Entropy) α 0.2", "abs", {"alpha": 0.2, "score": "entropy"}, seeded=True),
         SuiteEntry("ABS (AttnVar) α 0.2", "abs", {"alpha": 0.2, "score": "attnvar"}),
     ],
+    # Training-free token reduction on any ViT with a class token (e.g. a new model family).
+    "token-reduction": [
+        BASELINE,
+        SuiteEntry("ToMe r 4", "tome", {"r": 4}),
+        SuiteEntry("EViT ρ 0.7", "evit", {"rho": 0.7}),
+        SuiteEntry("SPOT heuristic ρ 0.7", "spot_heuristic", {"rho": 0.7}),
+    ],
 }
 
 
@@ -132,11 +139,17 @@ def run_suite(
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
     latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> dict[str, Any]:
-    """Every entry on the same images; the first entry is the reference for ratios and tests."""
+    """Every entry on the same images; the first entry is the reference for ratios and tests.
+
+    A feature extractor (no head) has no labels to score: each row reports the cosine similarity
+    of its pooled features to the reference entry's (seed 0), per image, averaged; p-values and
+    McNemar tests are left out.
+    """
     device = resolve_device(device)
     rows: dict[str, dict[str, Any]] = {}
     correct: dict[str, list[np.ndarray]] = {}
     speed_methods = {}
+    reference_features = None
     for entry in entries:
         per_seed = []
         for seed in seeds if entry.seeded else seeds[:1]:
@@ -144,6 +157,9 @@ def run_suite(
             method = load_method(entry.model or model_path, entry.method, **options).to(device)
             pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=f"{entry.label} s{seed}")
             summary = pred.summary(dense_macs(method.base_cfg))
+            if pred.features:
+                reference_features = pred.logits if reference_features is None else reference_features
+                summary["cosine"] = float(metrics.cosine_similarity(pred.logits, reference_features).mean())
             per_seed.append({"seed": seed if entry.seeded else None, **summary})
             correct.setdefault(entry.label, []).append((pred.logits.argmax(1) == pred.labels).numpy())
             if entry.label not in speed_methods:
@@ -151,7 +167,7 @@ def run_suite(
         rows[entry.label] = aggregate(entry, per_seed)
     reference = entries[0].label
     for label, row in rows.items():
-        if label == reference:
+        if label == reference or reference_features is not None:
             continue
         ref_top1 = [r["top1"] for r in rows[reference]["per_seed"]]
         top1 = [r["top1"] for r in row["per_seed"]]
@@ -168,14 +184,15 @@ def run_suite(
             if label != reference:
                 row["latency_overhead_pct"] = 100 * (row["latency_ratio"] - 1)
                 extra_ms = row["latency_b1_ms"] - ref_ms
-                row["gain_per_ms"] = row["top1_gain"] / extra_ms if extra_ms > 0 else None
+                row["gain_per_ms"] = row["top1_gain"] / extra_ms if extra_ms > 0 and "top1_gain" in row else None
     return {"seeds": list(seeds), "images": len(indices), "rows": rows}
 
 
 def aggregate(entry: SuiteEntry, per_seed: list[dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"method": entry.method, "options": entry.options, "seeded": entry.seeded, "per_seed": per_seed}
-    for key in ("top1", "ece", "nll"):
-        out[f"{key}_mean"], out[f"{key}_std"] = metrics.mean_std([r[key] for r in per_seed])
+    for key in ("top1", "ece", "nll", "cosine"):
+        if key in per_seed[0]:
+            out[f"{key}_mean"], out[f"{key}_std"] = metrics.mean_std([r[key] for r in per_seed])
     for key in ("rel_flops", "gflops", "gflops_p05", "gflops_p95", "gflops_executed", "token_depth"):
         out[key] = per_seed[0][key]
     return out
@@ -188,6 +205,8 @@ def _p(value) -> str:
 
 
 def _mean_std(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    if f"{key}_mean" not in row:
+        return "–"
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(row["per_seed"]) > 1 else f"{mean:.{digits}f}"
 
@@ -197,17 +216,23 @@ def _opt(value: float | None, fmt: str) -> str:
 
 
 def suite_table(result: dict[str, Any]) -> str:
-    """Markdown: the paper's Table 1/4 columns plus our significance and speed columns."""
+    """Markdown: the paper's Table 1/4 columns plus our significance and speed columns.
+
+    A feature extractor's rows score cosine similarity to the reference instead of top-1, ECE and NLL.
+    """
+    features = any("cosine_mean" in r for r in result["rows"].values())
+    scores = "cos. sim. to reference" if features else "top-1 % | ECE % | NLL"
     lines = [
-        "| method | seeds | GFLOPs | rel. FLOPs | top-1 % | ECE % | NLL | p (t-test over seeds) | p (McNemar, seed 0) | "
+        f"| method | seeds | GFLOPs | rel. FLOPs | {scores} | p (t-test over seeds) | p (McNemar, seed 0) | "
         "b1 latency ms | latency overhead % | b64 throughput ratio | top-1 gain per extra ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|" + "---|" * (1 if features else 3) + "---|---|---|---|---|---|",
     ]
     for label, r in result["rows"].items():
         mcnemar = r.get("mcnemar_seed0")
+        score = _mean_std(r, "cosine", 4) if features else f"{_mean_std(r, 'top1')} | {_mean_std(r, 'ece')} | {_mean_std(r, 'nll', 3)}"
         lines.append(
-            f"| {label} | {len(r['per_seed'])} | {r['gflops']:.4f} | {r['rel_flops']:.3f}× | {_mean_std(r, 'top1')} | {_mean_std(r, 'ece')} | "
-            f"{_mean_std(r, 'nll', 3)} | {_p(r.get('p_ttest_seeds'))} | {_p(mcnemar['p_value']) if mcnemar else '–'} | "
+            f"| {label} | {len(r['per_seed'])} | {r['gflops']:.4f} | {r['rel_flops']:.3f}× | {score} | "
+            f"{_p(r.get('p_ttest_seeds'))} | {_p(mcnemar['p_value']) if mcnemar else '–'} | "
             f"{_opt(r.get('latency_b1_ms'), '.2f')} | {_opt(r.get('latency_overhead_pct'), '+.1f')} | "
             f"{_opt(r.get('throughput_ratio'), '.3f')} | {_opt(r.get('gain_per_ms'), '+.3f')} |"
         )

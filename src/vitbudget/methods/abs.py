@@ -9,7 +9,9 @@ their positions before the final norm and head. Post-hoc: nothing is trained.
 Prefix tokens (CLS and registers) are always refined alongside the selection, so the extra
 block costs block_macs(k + prefix). A model without a class token (global_pool='avg') refines
 its registers, if any, and the selected patches; the scatter-back changes the pooled patches.
-`attnvar` needs a CLS query and is rejected for such models.
+`attnvar` needs a CLS query and is rejected for such models. A model without a head
+(num_classes=0, a feature extractor) has no class count for the entropy head: it uses as many
+random outputs as the embedding width.
 
 The method's own tensors are post hoc: the extra block starts as a copy of the backbone's last
 block (`post_hoc = True`: any ViT checkpoint serves; a tuned variant would save its block), and
@@ -85,8 +87,9 @@ class ABS(Method):
             raise ConfigError("--score entropy reads the penultimate block; the model needs depth >= 2")
         self.block = copy.deepcopy(model.blocks[-1])  # a submodule: a tuned variant can train it
         self.hidden = options.hidden or cfg.embed_dim
+        self.head_classes = cfg.num_classes or cfg.embed_dim  # a headless backbone: embed_dim random outputs
         if options.score == "entropy":
-            self._init_entropy_head(cfg.embed_dim, self.hidden, cfg.num_classes, options.seed)
+            self._init_entropy_head(cfg.embed_dim, self.hidden, self.head_classes, options.seed)
 
     def _init_entropy_head(self, dim: int, hidden: int, classes: int, seed: int) -> None:
         """nn.Linear's default init from a local generator: buffers (never trained, moved by .to()),
@@ -130,7 +133,7 @@ class ABS(Method):
         """Per-image overhead. attnvar: 0, the probabilities are the attention the block computes anyway."""
         cfg, kind = self.model.cfg, self.options.score
         if kind == "entropy":
-            return float(n * (cfg.embed_dim * self.hidden + self.hidden * cfg.num_classes))
+            return float(n * (cfg.embed_dim * self.hidden + self.hidden * self.head_classes))
         return float(n * cfg.embed_dim) if kind == "gradsim" else 0.0
 
     def finish(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> Tensor:

@@ -135,6 +135,8 @@ class AViT(Method):
         cfg = model.cfg
         if not cfg.class_token or cfg.global_pool != "token":
             raise ConfigError("avit reads the halting-weighted CLS token; the model needs a class token and global_pool='token'")
+        if cfg.dist_token:
+            raise ConfigError("avit reads the halting-weighted CLS token alone; a distilled DeiT's second head (distillation token) has no halting readout")
         self.depth = cfg.depth
         self.target_depth = float(options.target_depth) if options.target_depth else 2.0 * cfg.depth / 3.0
         if not 1.0 <= self.target_depth <= cfg.depth:

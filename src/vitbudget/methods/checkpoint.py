@@ -41,7 +41,7 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     no parameters of its own or builds them from the backbone (`post_hoc = True`, e.g. ABS's
     extra block copied from the last block): training-free methods apply to any ViT checkpoint.
     """
-    meta = read_sidecar(sidecar_path(path))
+    meta = {} if Path(path).is_dir() else read_sidecar(sidecar_path(path))  # a Hugging Face directory holds no method
     saved = meta.get("method") or {"name": "baseline", "options": {}}
     name = name or saved["name"]
     options = {**saved["options"], **overrides} if name == saved["name"] else dict(overrides)

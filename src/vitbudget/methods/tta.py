@@ -86,7 +86,8 @@ class MultiCrop(Method):
     """Centre and four corner crops, each resized back to the input size; probabilities averaged.
 
     The five views run as one 5B batch. Returned logits are log(mean crop probabilities), so
-    argmax, ECE and NLL all see the averaged distribution. The record lists every pass's
+    argmax, ECE and NLL all see the averaged distribution; a model without a head (num_classes=0)
+    returns the mean of the five views' pooled features. The record lists every pass's
     blocks, crop after crop (5 x depth entries of (B,) token counts), plus 4 extra stems as
     extra MACs: summing token counts over crops would misprice attention's N^2 term.
     """
@@ -105,8 +106,11 @@ class MultiCrop(Method):
         B = images.shape[0]
         self.model.check_input(images)
         out = run(self.model, self.crops(images), self)
-        logp = out.logits.float().log_softmax(dim=-1).reshape(self.NUM_CROPS, B, -1)
-        logits = torch.logsumexp(logp, dim=0) - math.log(self.NUM_CROPS)
+        if self.model.cfg.num_classes == 0:  # features: nothing to turn into probabilities
+            logits = out.logits.reshape(self.NUM_CROPS, B, -1).mean(dim=0)
+        else:
+            logp = out.logits.float().log_softmax(dim=-1).reshape(self.NUM_CROPS, B, -1)
+            logits = torch.logsumexp(logp, dim=0) - math.log(self.NUM_CROPS)
         return RunOutput(logits=logits, state=out.state, record=self._fold(out.record, B))
 
     def _fold(self, inner: ExecutionRecord, B: int) -> ExecutionRecord:

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..io import OutputDir, write_json
 from .config import ModelInfo, Preprocess, ViTConfig, named_config
+from .hf import from_hf, is_hf_model, load_hf_directory
 from .vit import VisionTransformer
 
 SIDECAR_FORMAT = "vitbudget.checkpoint/1"
@@ -111,15 +112,25 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
     - a timm state-dict file (.pth/.pt/.bin/.safetensors) with `arch` naming its shape
       (e.g. 'deit_tiny_patch16_224'); `config_overrides` adjust it (num_classes=10, img_size=32...).
     - a `timm.models.VisionTransformer` instance: weights are copied into our model.
+    - a Hugging Face `save_pretrained` directory or a live transformers model (see `models.hf`);
+      `img_size=` resamples the position embeddings as the model would at that size.
     """
+    if is_hf_model(source):
+        return from_hf(source, **_hf_overrides(config_overrides))
     if isinstance(source, nn.Module):
         return from_timm(source)
     path = Path(source)
+    if arch is None and path.is_dir():
+        return load_hf_directory(path, **_hf_overrides(config_overrides))
     if arch is None:
         sidecar = sidecar_path(path)
         meta = read_sidecar(sidecar)
         try:
-            cfg = ViTConfig.from_dict(meta["config"])
+            config = meta["config"]
+            # sidecars from before `patch_bias` existed: the patch conv always had a bias, pre-norm or not
+            if isinstance(config, dict) and config.get("pre_norm") and "patch_bias" not in config:
+                config = {**config, "patch_bias": True}
+            cfg = ViTConfig.from_dict(config)
             cfg = cfg.replace(**config_overrides) if config_overrides else cfg
             info = model_info_from_sidecar(meta, path.stem)
             if info.classes is not None and len(info.classes) != cfg.num_classes:
@@ -134,6 +145,13 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
     load_state_dict_strict(model, state, repr(str(path)))
     model.info = info
     return model.eval()
+
+
+def _hf_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(overrides) - {"img_size"})
+    if unknown:
+        raise ConfigError(f"a Hugging Face model takes only img_size= (its config is fixed), got {', '.join(unknown)}")
+    return overrides
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike, extra_tensors: dict[str, torch.Tensor] | None = None, **metadata: Any) -> Path:
@@ -165,19 +183,24 @@ def save_model(model: VisionTransformer, path: str | os.PathLike, extra_tensors:
 
 
 def config_from_timm(timm_model: nn.Module) -> ViTConfig:
-    """Read the architecture off a live timm VisionTransformer; refuse what we cannot mirror."""
+    """Read the architecture off a live timm VisionTransformer; refuse what we cannot mirror.
+
+    Covers timm's plain ViT/DeiT, DeiT III (LayerScale, no_embed_class), registers, DINOv2
+    (patch 14, LayerScale), CLIP-style pre-norm towers (quick_gelu or GELU) and the distilled
+    DeiT (`VisionTransformerDistilled`: a distillation token and a second head).
+    """
     try:
         pe = timm_model.patch_embed
         block = timm_model.blocks[0]
-        if getattr(timm_model, "attn_pool", None) is not None:
-            raise ConfigError("timm models with attention pooling ('map') are not supported")
-        if not isinstance(block.norm1, nn.LayerNorm) or not isinstance(block.mlp.act, nn.GELU):
-            raise ConfigError("only LayerNorm + GELU ViT blocks are supported")
+        _refuse_unmirrored_timm(timm_model, block)
         img = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size,) * 2
         patch = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
         if img[0] != img[1] or patch[0] != patch[1]:
             raise ConfigError(f"only square inputs and patches are supported, got img {img} patch {patch}")
         ls = getattr(block, "ls1", nn.Identity())
+        distilled = getattr(timm_model, "dist_token", None) is not None
+        pre_norm = not isinstance(timm_model.norm_pre, nn.Identity)
+        patch_bias = pe.proj.bias is not None
         return ViTConfig(
             img_size=int(img[0]),
             patch_size=int(patch[0]),
@@ -194,12 +217,54 @@ def config_from_timm(timm_model: nn.Module) -> ViTConfig:
             class_token=timm_model.cls_token is not None,
             reg_tokens=int(getattr(timm_model, "num_reg_tokens", 0)),
             no_embed_class=bool(getattr(timm_model, "no_embed_class", False)),
-            pre_norm=not isinstance(timm_model.norm_pre, nn.Identity),
+            pre_norm=pre_norm,
             fc_norm=_explicit_fc_norm(timm_model),
             norm_eps=block.norm1.eps,
+            act_layer=_timm_activation(block.mlp.act),
+            dist_token=distilled,
+            patch_bias=None if patch_bias == (not pre_norm) else patch_bias,
         )
     except AttributeError as exc:
         raise ConfigError(f"not a timm VisionTransformer: {exc}") from exc
+
+
+def _timm_activation(act: nn.Module) -> str:
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    timm_names = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}  # timm.layers.activations
+    if type(act).__name__ in timm_names:
+        return timm_names[type(act).__name__]
+    raise ConfigError(f"MLP activation {type(act).__name__} is not supported (supported: GELU, GELU tanh, QuickGELU)")
+
+
+def _refuse_unmirrored_timm(timm_model: nn.Module, block: nn.Module) -> None:
+    """timm options our ViT does not have: each is a clear ConfigError instead of a strict-load key dump."""
+    if getattr(timm_model, "attn_pool", None) is not None:
+        raise ConfigError("timm models with attention pooling ('map', 'prr') are not supported")
+    if timm_model.global_pool not in ("token", "avg"):
+        raise ConfigError(f"timm global_pool {timm_model.global_pool!r} is not supported (supported: 'token', 'avg')")
+    if getattr(timm_model, "pool_include_prefix", False):
+        raise ConfigError("timm pool_include_prefix=True is not supported (average pooling reads patch tokens only)")
+    if getattr(timm_model, "pos_embed", None) is None:
+        raise ConfigError("timm ViTs without learned absolute position embeddings are not supported")
+    if not isinstance(getattr(timm_model, "patch_drop", nn.Identity()), nn.Identity):
+        raise ConfigError("timm patch dropout is not supported")
+    if isinstance(timm_model.norm, nn.Identity) and isinstance(timm_model.fc_norm, nn.Identity):
+        raise ConfigError("timm ViTs without a final norm (final_norm=False) are not supported")
+    if not isinstance(timm_model.patch_embed.norm, nn.Identity):
+        raise ConfigError("timm patch embeddings with a norm layer are not supported")
+    for name, module in (("norm1", block.norm1), ("norm2", block.norm2)):
+        if not isinstance(module, nn.LayerNorm):
+            raise ConfigError(f"only LayerNorm ViT blocks are supported, got {type(module).__name__} as {name}")
+    attn, mlp = block.attn, block.mlp
+    if attn.qkv.out_features != 3 * timm_model.embed_dim:
+        raise ConfigError("timm attention with a head_dim other than embed_dim / num_heads is not supported")
+    if attn.proj.bias is None:
+        raise ConfigError("timm attention without an output-projection bias (proj_bias=False) is not supported")
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise ConfigError("timm scale_attn_norm / scale_mlp_norm are not supported")
+    if not hasattr(mlp, "fc1") or not hasattr(mlp, "fc2"):
+        raise ConfigError(f"only two-layer MLP blocks are supported, got {type(mlp).__name__} (e.g. SwiGLU)")
 
 
 def _explicit_fc_norm(timm_model: nn.Module) -> bool | None:

@@ -17,10 +17,10 @@ from .pos_embed import resample_abs_pos_embed
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,11 +68,23 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (timm's `quick_gelu`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    """The MLP activation named in `ViTConfig.act_layer`."""
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU()}[name]
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float):
+    def __init__(self, dim: int, hidden: int, drop: float, act_layer: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = make_activation(act_layer)
         self.drop1 = nn.Dropout(drop)
         self.norm = nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
@@ -91,7 +103,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate)
+        self.mlp = Mlp(dim, cfg.mlp_hidden, cfg.drop_rate, cfg.act_layer)
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
 
@@ -110,9 +122,11 @@ class VisionTransformer(nn.Module):
         dim = cfg.embed_dim
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.global_pool = cfg.global_pool
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim, bias=cfg.use_patch_bias)
         if cfg.class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if cfg.dist_token:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
         if cfg.reg_tokens:
             self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, dim))
         embed_len = cfg.num_patches + (0 if cfg.no_embed_class else cfg.num_prefix_tokens)
@@ -124,7 +138,9 @@ class VisionTransformer(nn.Module):
         self.norm = nn.Identity() if cfg.use_fc_norm else nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(cfg.pooled_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        if cfg.dist_token:
+            self.head_dist = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
     # -- initialisation (timm's default 'trunc_normal(.02)' scheme) --
@@ -132,6 +148,8 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cfg.class_token:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cfg.dist_token:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         if self.cfg.reg_tokens:
             nn.init.normal_(self.reg_token, std=1e-6)
         for module in self.modules():
@@ -166,6 +184,8 @@ class VisionTransformer(nn.Module):
         prefix = []
         if self.cfg.class_token:
             prefix.append(self.cls_token.expand(x.shape[0], -1, -1))
+        if self.cfg.dist_token:
+            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
         if self.cfg.reg_tokens:
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
         if self.cfg.no_embed_class:
@@ -174,14 +194,14 @@ class VisionTransformer(nn.Module):
             x = torch.cat(prefix + [x], dim=1) + self.pos_embed
         return self.norm_pre(self.pos_drop(x))
 
-    def set_input_size(self, img_size: int) -> None:
-        """Resample position embeddings in place for a new square input size (timm's method)."""
+    def set_input_size(self, img_size: int, antialias: bool = True) -> None:
+        """Resample position embeddings in place for a new square input size (timm's method: bicubic, antialiased)."""
         if img_size % self.cfg.patch_size:
             raise InputError(f"input size {img_size} is not a multiple of patch size {self.cfg.patch_size}")
         grid = img_size // self.cfg.patch_size
         prefix = 0 if self.cfg.no_embed_class else self.num_prefix_tokens
         with torch.no_grad():
-            new = resample_abs_pos_embed(self.pos_embed.data, (grid, grid), prefix)
+            new = resample_abs_pos_embed(self.pos_embed.data, (grid, grid), prefix, antialias=antialias)
         self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
         self.cfg = self.cfg.replace(img_size=img_size)
 
@@ -194,16 +214,43 @@ class VisionTransformer(nn.Module):
             return x[:, 0]
         patches = x[:, self.num_prefix_tokens :]
         if key_mask is None:
-            return patches.mean(dim=1)
-        weights = key_mask[:, self.num_prefix_tokens :, None].to(x.dtype)
-        return (patches * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            mean = patches.mean(dim=1)
+        else:
+            weights = key_mask[:, self.num_prefix_tokens :, None].to(x.dtype)
+            mean = (patches * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return torch.cat([x[:, 0], mean], dim=-1) if self.global_pool == "token_avg" else mean
 
     def forward_head(self, x: Tensor, key_mask: Tensor | None = None, pre_logits: bool = False) -> Tensor:
+        """Logits, or pooled features with `pre_logits` (what a model with num_classes=0 returns).
+
+        With a distillation token (timm's VisionTransformerDistilled at inference): the mean of the
+        class head on CLS and the distillation head on the distillation token; features are the
+        mean of the two tokens.
+        """
+        if self.cfg.dist_token:
+            cls, dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            return (cls + dist) / 2 if pre_logits else (self.head(cls) + self.head_dist(dist)) / 2
         x = self.head_drop(self.fc_norm(self.pool(x, key_mask)))
         return x if pre_logits else self.head(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes` outputs (timm's name and init: trunc-normal 0.02, zero bias); 0 removes it."""
+        self.cfg = self.cfg.replace(num_classes=num_classes)
+
+        def fresh(width: int) -> nn.Module:
+            if num_classes <= 0:
+                return nn.Identity()
+            head = nn.Linear(width, num_classes)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+            return head
+
+        self.head = fresh(self.cfg.pooled_dim)
+        if self.cfg.dist_token:
+            self.head_dist = fresh(self.cfg.embed_dim)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "reg_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}

@@ -20,8 +20,9 @@ def save_pareto(rows: dict[str, dict[str, Any]], path: str | os.PathLike, *, tit
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     families: dict[str, list[tuple[float, float]]] = {}
+    score = "top1" if all("top1_mean" in r for r in rows.values()) else "cosine"  # feature extractors: cosine to the reference
     for label, r in rows.items():
-        x, y, err = r["gflops"], r["top1_mean"], r.get("top1_std") or 0.0
+        x, y, err = r["gflops"], r[f"{score}_mean"], r.get(f"{score}_std") or 0.0
         ax.errorbar([x], [y], yerr=[err] if err else None, fmt="o", ms=5, capsize=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         families.setdefault(_family(label), []).append((x, y))
@@ -30,7 +31,7 @@ def save_pareto(rows: dict[str, dict[str, Any]], path: str | os.PathLike, *, tit
             points.sort()
             ax.plot(*zip(*points), "-", lw=0.8, color="grey", alpha=0.7)
     ax.set_xlabel("GFLOPs per image (from executed tokens)")
-    ax.set_ylabel("top-1 %")
+    ax.set_ylabel("top-1 %" if score == "top1" else "cosine similarity to the reference's features")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)

@@ -43,9 +43,9 @@ def block_macs(n: Tensor | float, cfg: ViTConfig) -> Tensor | float:
 
 
 def stem_macs(cfg: ViTConfig) -> float:
-    """Patch embedding (a conv with stride = kernel) plus the classifier head."""
+    """Patch embedding (a conv with stride = kernel) plus the classifier head(s) (none without classes)."""
     embed = cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim
-    head = cfg.embed_dim * cfg.num_classes
+    head = cfg.pooled_dim * cfg.num_classes * (2 if cfg.dist_token else 1)  # a distilled DeiT has two heads
     return float(embed + head)
 
 

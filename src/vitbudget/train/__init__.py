@@ -1,5 +1,5 @@
 """Training and fine-tuning."""
-from .recipes import RECIPES, Recipe, get_recipe
+from .recipes import ARCHS, GENERIC, RECIPES, Recipe, finetune, get_recipe, recipe_for_data, scratch
 from .trainer import TrainResult, Trainer
 
-__all__ = ["RECIPES", "Recipe", "TrainResult", "Trainer", "get_recipe"]
+__all__ = ["ARCHS", "GENERIC", "RECIPES", "Recipe", "TrainResult", "Trainer", "finetune", "get_recipe", "recipe_for_data", "scratch"]

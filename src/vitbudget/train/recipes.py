@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -29,9 +31,11 @@ class Recipe:
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
     seed: int = 0
-    augment: str = "pad_crop_flip"  # AUGMENTATIONS
-    mean: tuple[float, float, float] = CIFAR10_MEAN
-    std: tuple[float, float, float] = CIFAR10_STD
+    augment: str = "pad_crop_flip"  # AUGMENTATIONS; pad_crop_flip pads by img_size // 8 (4 px at 32 px)
+    # normalisation of a model trained from scratch; None = computed from the training split (data.stats),
+    # never another data set's. A fine-tuned model keeps its checkpoint's.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     train_limit: int | None = None  # deterministic subset of the training split
     eval_limit: int | None = 2000  # per-epoch test subset; the final evaluation uses final_eval_limit
     final_eval_limit: int | None = None
@@ -42,6 +46,7 @@ class Recipe:
     distill_weight: float = 0.0  # KL(teacher || student) weight when a teacher is given
     method: str = "baseline"
     method_options: dict[str, Any] = field(default_factory=dict)
+    new_head: bool = False  # fine-tuning: a fresh head when the checkpoint's classes differ from the data's (or it has none)
 
     def __post_init__(self) -> None:
         if not (self.epochs > 0 and self.batch_size > 0 and self.lr > 0):  # also false for NaN
@@ -52,6 +57,8 @@ class Recipe:
             raise ConfigError(f"save_every_steps must be positive and seed >= 0, got {self.save_every_steps} and {self.seed}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("a recipe gives both mean and std, or neither (computed from the training split)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,7 +67,7 @@ class Recipe:
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
         d = dict(d)
         for key in ("mean", "std"):
-            if key in d:
+            if d.get(key) is not None:
                 d[key] = tuple(d[key])
         d["lr_scales"] = [tuple(x) for x in d.get("lr_scales", [])]
         return cls(**d)
@@ -69,33 +76,64 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-def _finetune(name: str, method: str, **changes: Any) -> Recipe:
-    """The shared fine-tuning budget of the token-reduction recipes (see RECIPES)."""
+# Transformer shapes for training from scratch; image size, patch size and classes come from flags or the data.
+ARCHS: dict[str, dict[str, Any]] = {
+    "vit_mini": dict(embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0),  # quick CPU experiments
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+}
+
+
+def scratch(name: str = "scratch", *, arch: str | dict[str, Any] = "vit_tiny", img_size: int, patch_size: int, num_classes: int,
+            **changes: Any) -> Recipe:
+    """Train a ViT from random weights on any ImageFolder: the reference model's schedule (6 epochs at
+    batch 128, AdamW lr 1e-3 with half an epoch of warm-up, cosine to 1e-5, label smoothing 0.1,
+    pad-crop-flip), normalised with the training split's own mean and std unless given."""
+    shape = ARCHS[arch] if isinstance(arch, str) else arch
+    return Recipe(name=name, arch={"img_size": img_size, "patch_size": patch_size, **shape, "num_classes": num_classes}, **changes)
+
+
+def finetune(name: str = "finetune", method: str = "baseline", **changes: Any) -> Recipe:
+    """Fine-tune a checkpoint (`--init`) on any ImageFolder: one pass at batch 64, lr 1e-4 (0.1 epoch
+    warm-up, cosine to 1e-6), a fresh head when the data's classes differ; the checkpoint's
+    normalisation. The CIFAR-10 fine-tuning recipes are this with a fixed 10 000-image subset
+    and KL distillation from the checkpoint they start from."""
     base = dict(
-        name=name, arch=VIT_TINY_P4, epochs=1, batch_size=64, lr=1e-4, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=0.1,
-        train_limit=10000, eval_limit=1000, final_eval_limit=1000, save_every_steps=25, distill_weight=0.5, method=method,
+        name=name, arch={}, epochs=1, batch_size=64, lr=1e-4, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=0.1, eval_limit=1000,
+        save_every_steps=25, method=method, new_head=True,
     )
     return Recipe(**{**base, **changes})
 
 
+CIFAR10 = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)
 VIT_TINY_P4 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10)
+
+
+def _finetune(name: str, method: str, **changes: Any) -> Recipe:
+    """The shared CIFAR-10 fine-tuning budget of the token-reduction recipes (see RECIPES)."""
+    return finetune(name, method, **{**dict(arch=VIT_TINY_P4, train_limit=10000, final_eval_limit=1000, distill_weight=0.5, new_head=False,
+                                            **CIFAR10), **changes})
+
+
+# Generic recipes resolved against the data (`recipe_for_data`): any image folder.
+GENERIC = ("scratch", "finetune")
 
 RECIPES: dict[str, Recipe] = {
     # Reproduces ../shared/models/vit_tiny_p4_cifar10 (its README's recipe): ~6500 s on 2 CPU cores.
-    "vit_tiny_p4_cifar10": Recipe(name="vit_tiny_p4_cifar10", arch=VIT_TINY_P4),
+    "vit_tiny_p4_cifar10": scratch("vit_tiny_p4_cifar10", img_size=32, patch_size=4, num_classes=10, **CIFAR10),
     # A seconds-long run for tests and for checking an installation end to end.
-    "smoke": Recipe(
-        name="smoke",
-        arch=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10),
+    "smoke": scratch(
+        "smoke", arch=dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0), img_size=32, patch_size=8, num_classes=10,
         epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0.25, train_limit=128, eval_limit=64, final_eval_limit=64,
-        save_every_steps=4,
+        save_every_steps=4, **CIFAR10,
     ),
     # VIT_TINY_P4 with 8 outputs on `vitbudget make-counting` scenes (classes 03..10 = 3..10 objects).
     # mean/std measured on 4000 training images of the default set (seed 0, 32 px). Flips only:
     # random crops could cut objects out and change the count. 2 epochs of a fixed 12000-scene
     # subset = 188 steps (about 8 min on 2 idle cores at ~2.6 s/step); raise with --epochs.
-    "count_vit_p4": Recipe(
-        name="count_vit_p4", arch={**VIT_TINY_P4, "num_classes": 8}, epochs=2, batch_size=128, lr=1e-3,
+    "count_vit_p4": scratch(
+        "count_vit_p4", img_size=32, patch_size=4, num_classes=8, epochs=2, batch_size=128, lr=1e-3,
         train_limit=12000,
         warmup_epochs=0.2, augment="flip", mean=(0.7528, 0.7413, 0.7331), std=(0.2067, 0.1917, 0.2187),
         eval_limit=500, save_every_steps=50,
@@ -105,10 +143,9 @@ RECIPES: dict[str, Recipe] = {
     # `depth_tune` is the same budget for uniform depth's extra block: the control that separates
     # selective refinement from simply training one more block.
     **{
-        name: Recipe(
-            name=name, arch=VIT_TINY_P4, epochs=1, batch_size=128, lr=3e-4, min_lr=1e-6, warmup_lr=1e-6,
-            warmup_epochs=0.1, train_limit=10000, eval_limit=1000, final_eval_limit=1000, save_every_steps=20,
-            freeze=["model."], method=method, method_options=options,
+        name: _finetune(
+            name, method, batch_size=128, lr=3e-4, warmup_epochs=0.1, save_every_steps=20, distill_weight=0.0, freeze=["model."],
+            method_options=options,
         )
         for name, method, options in [("abs_tune", "abs", {"alpha": 0.2, "score": "entropy"}), ("depth_tune", "depth", {})]
     },
@@ -142,3 +179,54 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
     recipe = RECIPES[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return recipe.replace(**overrides) if overrides else recipe
+
+
+def dataset_name(data: str | os.PathLike) -> str:
+    """The data's folder or archive name without archive suffixes: 'flowers' for flowers.tar.gz."""
+    name = Path(data).resolve().name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def recipe_for_data(
+    kind: str, data: str | os.PathLike, *, init: Any = None, arch: str = "vit_tiny", img_size: int | None = None,
+    patch_size: int | None = None, num_classes: int | None = None, **changes: Any,
+) -> tuple[Recipe, list[str]]:
+    """A generic recipe ('scratch' or 'finetune') resolved against an ImageFolder with train/ (and test/ or val/).
+
+    scratch: image size, patch size and class count from the arguments, else from the data (the most
+    common short side among sampled images; patches of 4, 8 or 16 px for a grid of at most ~14 x 14;
+    the training classes). finetune: the --init checkpoint's architecture (resize it first with
+    `model.set_input_size`), a new head if the data's classes differ. The model is named
+    f"{kind}_{data name}". Returns the recipe and one line per choice made from the data.
+    """
+    from ..data import ImageFolder
+    from ..data.stats import default_patch_size, infer_img_size
+
+    if kind not in GENERIC:
+        raise ConfigError(f"unknown generic recipe {kind!r}; use one of {', '.join(GENERIC)}")
+    name = f"{kind}_{dataset_name(data)}"
+    if kind == "finetune":
+        if init is None:
+            raise ConfigError("recipe 'finetune' starts from a checkpoint: pass --init CKPT (or use --recipe scratch)")
+        if num_classes is not None or patch_size is not None:
+            raise ConfigError("recipe 'finetune' keeps the checkpoint's patch size and takes its classes from the data")
+        return finetune(name, arch=init.cfg.to_dict(), **changes), []
+    if init is not None:
+        raise ConfigError("recipe 'scratch' trains from random weights; to start from --init use --recipe finetune")
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; available: {', '.join(ARCHS)}")
+    train = ImageFolder(data, "train")
+    chosen = []
+    if patch_size is None:
+        patch_size = default_patch_size(img_size or infer_img_size(train))
+        chosen.append(f"patch size {patch_size}")
+    if img_size is None:
+        img_size = infer_img_size(train, patch_size)
+        chosen.append(f"image size {img_size} (the most common short side, to a multiple of the patch size)")
+    if num_classes is None:
+        num_classes = len(train.classes)
+        chosen.append(f"{num_classes} classes")
+    notes = [f"{name}: from the data: {', '.join(chosen)}"] if chosen else []
+    return scratch(name, arch=arch, img_size=img_size, patch_size=patch_size, num_classes=num_classes, **changes), notes

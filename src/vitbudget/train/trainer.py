@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
+from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, resolve_split_dir, subset_indices
+from ..data.stats import STATS_SAMPLE, channel_mean_std, conversion_notes
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..eval.evaluate import predict
 from ..runtime.cost import dense_macs
 from ..io import atomic_path, check_output_dir
@@ -27,6 +28,18 @@ from .optim import lr_at, make_optimizer, set_lr
 from .recipes import Recipe
 
 STATE_FILE = "train_state.pt"
+EVAL_SPLITS = ("test", "val", "validation")
+
+
+def default_eval_split(data: str | os.PathLike) -> str:
+    """The held-out split to evaluate on: test/, else val/ or validation/."""
+    for split in EVAL_SPLITS:
+        try:
+            resolve_split_dir(data, split)
+            return split
+        except DataError:
+            continue
+    raise DataError(f"no held-out split in {str(data)!r}: expected {'/, '.join(EVAL_SPLITS)}/ beside train/")
 MODEL_FILE = "model.safetensors"
 
 
@@ -48,34 +61,64 @@ class Trainer:
     def __init__(
         self, recipe: Recipe, data: str | os.PathLike, out_dir: str | os.PathLike, *, init: VisionTransformer | None = None,
         teacher: nn.Module | None = None, device: str = "cpu", workers: int | None = None, progress: bool = True,
+        eval_split: str | None = None,
     ):
-        self.recipe = recipe
         self.out_dir = check_output_dir(out_dir)  # created by the first checkpoint, so a run that fails to start leaves nothing
         self.device = resolve_device(device)
         self.workers = workers
         self.progress = progress
+        self.notes: list[str] = []  # one line per decision the data forced (normalisation, new head, conversions)
         torch.manual_seed(recipe.seed)
+        self.train_set = ImageFolder(data, "train")
+        classes = self.train_set.classes
         if init is None:
+            if not recipe.arch:
+                raise ConfigError(f"recipe {recipe.name!r} fine-tunes a checkpoint: pass --init CKPT")
+            if recipe.mean is None:  # never another data set's: this one's own statistics
+                mean, std = channel_mean_std(self.train_set, recipe.arch["img_size"], progress=progress)
+                recipe = recipe.replace(mean=mean, std=std)
+                source = f"computed from {min(STATS_SAMPLE, len(self.train_set))} of {len(self.train_set)} training images"
+            else:
+                source = f"recipe {recipe.name!r}"
             model = VisionTransformer(ViTConfig.from_dict(recipe.arch))
             model.info.preprocess = Preprocess(mean=recipe.mean, std=recipe.std)
         else:
             model = init
-        model.info.name = recipe.name
-        self.model = model
+            source = "the --init checkpoint"
+            if recipe.new_head and model.cfg.num_classes != len(classes):
+                have = f"{model.cfg.num_classes} outputs" if model.cfg.num_classes else "no head (a feature extractor)"
+                self.notes.append(f"note: new head: the checkpoint has {have}, the data {len(classes)} classes: a freshly initialised head is trained")
+                model.reset_classifier(len(classes))
+                model.info.classes = None  # the new head's classes are the data's folders
+                recipe = recipe.replace(arch=model.cfg.to_dict())
+        self.recipe = recipe
         pre = model.info.preprocess
+        self.notes.append(f"normalisation: mean {tuple(round(v, 4) for v in pre.mean)}, std {tuple(round(v, 4) for v in pre.std)} ({source})")
+        model.info.name = recipe.name
+        model.info.extra["normalization"] = {"mean": list(pre.mean), "std": list(pre.std), "source": source}
+        self.model = model
         size = model.cfg.img_size
-        train_tf = {
-            "pad_crop_flip": PadCropFlip(size, pre), "flip": PadCropFlip(size, pre, padding=0), "none": EvalTransform(size, pre),
+        self.train_set.transform = {
+            "pad_crop_flip": PadCropFlip(size, pre, padding=max(1, size // 8)), "flip": PadCropFlip(size, pre, padding=0),
+            "none": EvalTransform(size, pre),
         }[recipe.augment]
         names = model.info.classes  # fine-tuning a model that names its classes: labels follow those names
-        self.train_set = ImageFolder(data, "train", train_tf, label_names=names)
-        if names is None:  # a new model: its classes are the training folders, and the saved model names them
-            if len(self.train_set.classes) != model.cfg.num_classes:
-                raise ConfigError(f"the data has {len(self.train_set.classes)} classes but the model has {model.cfg.num_classes} outputs")
-            names = model.info.classes = self.train_set.classes
-        self.test_set = ImageFolder(data, "test", EvalTransform(size, pre), label_names=names)
+        if names is not None:
+            self.train_set = ImageFolder(data, "train", self.train_set.transform, label_names=names)
+        else:  # a new model (or a new head): its classes are the training folders, and the saved model names them
+            if len(classes) != model.cfg.num_classes:
+                raise ConfigError(f"the data has {len(classes)} classes but the model has {model.cfg.num_classes} outputs"
+                                  + ("" if recipe.new_head else " (the generic `finetune` recipe trains a new head)"))
+            names = model.info.classes = classes
+        self.eval_split = eval_split or default_eval_split(data)
+        self.test_set = ImageFolder(data, self.eval_split, EvalTransform(size, pre), label_names=names)
+        self.notes += conversion_notes(self.train_set, size, pre, "training images") + conversion_notes(self.test_set, size, pre, f"{self.eval_split} images")
+        model.info.extra["data_notes"] = self.notes
         self.method = build_method(recipe.method, model, **recipe.method_options).to(self.device)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        teacher_classes = getattr(getattr(self.teacher, "cfg", None), "num_classes", model.cfg.num_classes)
+        if teacher_classes != model.cfg.num_classes:
+            raise ConfigError(f"the teacher has {teacher_classes} outputs, the model {model.cfg.num_classes}: distillation needs the same classes")
         if recipe.distill_weight and self.teacher is None:
             raise ConfigError("the recipe sets distill_weight but no teacher model was given")
         self.optimizer = make_optimizer(self.method, recipe)
@@ -108,8 +151,9 @@ class Trainer:
             state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
             raise CheckpointError(f"cannot resume from {str(self.state_path)!r}: {exc}; delete it to start over") from exc
-        if state["recipe"] != self.recipe.to_dict():
-            changed = sorted(k for k in state["recipe"] if state["recipe"][k] != self.recipe.to_dict().get(k))
+        saved = Recipe.from_dict(state["recipe"]).to_dict()  # fields added since it was written take their defaults
+        if saved != self.recipe.to_dict():
+            changed = sorted(k for k in saved if saved[k] != self.recipe.to_dict().get(k))
             raise CheckpointError(f"{str(self.state_path)!r} was written by a different recipe (differs in {', '.join(changed)}); use another --out or delete it")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
