@@ -11,10 +11,15 @@ import json
 import pytest
 import torch
 
+from conftest import requires_transformers
 from vitbudget import CheckpointError, ConfigError, from_hf, load_model, run, save_model
 from vitbudget.models.hf import preprocess_from_hf
 
-T = pytest.importorskip("transformers", reason="transformers is an optional extra: pip install 'vitbudget[hf]'")
+pytestmark = requires_transformers  # skips by hand without the `hf` extra; fails in CI (VITBUDGET_REQUIRE_ANCHORS=1)
+try:
+    import transformers as T
+except ImportError:
+    T = None
 
 LAYERS = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3)
 VIT_LIKE = dict(LAYERS, intermediate_size=96, image_size=32, patch_size=8)
