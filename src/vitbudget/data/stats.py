@@ -8,6 +8,7 @@ data alone and a resumed run computes the same values.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -35,10 +36,12 @@ def image_headers(dataset: ImageFolder, limit: int | None = HEADER_SAMPLE) -> li
     for i in subset_indices(len(dataset), limit):
         path = dataset.samples[i][0]
         try:
-            with Image.open(path) as img:
-                out.append((img.mode, img.size))
-        except (UnidentifiedImageError, OSError):
-            continue  # unreadable files are reported, with their path, when the loader reaches them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    out.append((img.mode, img.size))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            continue  # unreadable or oversized files are reported, with their path, by read_image when the loader reaches them
     return out
 
 
