@@ -23,6 +23,8 @@ if [ "$job" = test ]; then
   "${pip[@]}" pyyaml huggingface_hub || true
   # the corruption package (optional extra) so the robustness tests run for real; they skip without it
   "${pip[@]}" -e ".[robustness]" || echo "imagecorruptions-imaug not installed: its tests will skip"
+  # the export extra (onnx, onnxscript, onnxruntime): tests/test_export.py needs it, so a failed install fails here
+  "${pip[@]}" -e ".[export]"
 fi
 if "$venv/bin/python" -m pip list 2>/dev/null | grep -qi nvidia; then
   echo "error: CUDA packages were installed into $venv; remove it and report the dependency that pulled them" >&2

@@ -8,10 +8,11 @@ from typing import Sequence
 from .. import __version__
 from ..errors import VitbudgetError
 from . import bench, corrupt, counting, train, viz
+from . import export as export_
 from . import eval as eval_
 
 # subcommand name -> module; the order is the order of `vitbudget --help`
-COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting}
+COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting, "export": export_}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 
@@ -12,7 +11,7 @@ from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import atomic_path, ensure_writable_dir, write_json, write_text
 from ..methods import METHODS, build_method, load_method
-from .options import add_method_option_flags, check_repeats, method_options, resolve_default
+from .options import add_method_option_flags, check_repeats, check_unused_options, method_options, resolve_default
 
 EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
@@ -62,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"num_classes": args.num_classes} if args.num_classes else {}
     model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
     names = list(dict.fromkeys(["baseline", *(args.method or [])]))
-    given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
-    if unused:
-        raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
+    check_unused_options(args, names)
     if args.arch is None:  # our format: a method checkpoint restores its trained parameters
         methods = {name: load_method(model_path, name, **method_options(args, name)).to(args.device) for name in names}
     else:

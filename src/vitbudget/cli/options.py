@@ -52,3 +52,11 @@ def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
 def check_repeats(args: argparse.Namespace) -> None:
     if args.latency_repeats <= 0 or args.throughput_repeats <= 0:
         raise ConfigError(f"--latency-repeats and --throughput-repeats must be positive, got {args.latency_repeats}, {args.throughput_repeats}")
+
+
+def check_unused_options(args: argparse.Namespace, names: list[str]) -> None:
+    """A method-option flag that none of the chosen methods has is a mistake, not a silent no-op."""
+    given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
+    if unused:
+        raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")

@@ -182,7 +182,7 @@ class AViT(Method):
         q, halted_per_block = [], []
         for i, block in enumerate(model.blocks):
             needed = running & running[:, :1]  # what the removing path runs: own ACT running and CLS running
-            if bool(running.all()):
+            if not torch.compiler.is_compiling() and bool(running.all()):  # traced: always the mask (same maths)
                 key_mask = None
             else:  # halted tokens are no keys; an image with nothing running keeps all (its rows are discarded)
                 key_mask = running | ~running.any(dim=1, keepdim=True)
