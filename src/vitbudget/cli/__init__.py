@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import VitbudgetError
 from . import bench, corrupt, counting, train, viz
 from . import export as export_
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except VitbudgetError as exc:
-        print(f"vitbudget: error: {exc}", file=sys.stderr)
+        print(f"vitbudget: error: {distributed.rank_label()}{exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vitbudget: interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ import argparse
 import shlex
 import sys
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import ensure_writable_dir, write_json, write_text
@@ -45,6 +46,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, images shared out, results gathered, rank 0 times and writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, ImageFolder, subset_indices
     from ..eval.machine import describe_machine, machine_info
     from ..eval.suite import load_suite, run_suite, suite_table
@@ -61,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_path)
     transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
     splits = [s for s in args.split.split(",") if s]
-    datasets = {split: ImageFolder(data_path, split, transform) for split in splits}  # fail fast on a bad split
+    with distributed.local_main_first():
+        datasets = {split: ImageFolder(data_path, split, transform) for split in splits}  # fail fast on a bad split
+    main = distributed.context().main
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
     results = {}
@@ -71,12 +80,17 @@ def run(args: argparse.Namespace) -> int:
                            workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet,
                            latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
         results[split] = result
+        if not main:
+            continue
         table = suite_table(result)
         header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"
         write_text(out_dir / f"{split}.md", header + table)
         save_pareto(result["rows"], out_dir / f"{split}_pareto.png", title=f"{args.suite} — {split}, {len(indices)} images, {model.info.name}")
         print(f"\n## {split}\n{table}")
-    report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine, "splits": results}
+    if not main:
+        return 0
+    report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine,
+              "processes": distributed.context().world, "splits": results}
     if len(results) > 1:
         summary = robustness_table(results)
         write_text(out_dir / "summary.md", f"`{command}` — top-1 % per split (mean over seeds)\n\n{summary}")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import atomic_path, ensure_writable_dir, write_json, write_text
@@ -48,6 +49,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, images shared out, results gathered, rank 0 writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, ImageFolder, subset_indices
     from ..eval.evaluate import evaluate, predictions_arrays
     from ..eval.machine import machine_info
@@ -67,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
 
-    dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
+    with distributed.local_main_first():
+        dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
     if model.info.classes and dataset.classes != model.info.classes:
         print(f"warning: dataset classes {dataset.classes[:5]}... differ from the model's {model.info.classes[:5]}...", file=sys.stderr)
     if len(dataset.classes) > model.cfg.num_classes:
@@ -76,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, speed=not args.no_speed, progress=not args.quiet,
                               latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
+    processes = distributed.context().world
+    if not distributed.context().main:
+        return 0
     report = {
         "command": "vitbudget " + shlex.join(sys.argv[1:]),
         "model": {"path": str(model_path), "name": model.info.name, "config": model.cfg.to_dict()},
         "data": {"path": str(data_path), "split": args.split, "images": len(indices), "of": len(dataset), "limit": args.limit},
         "machine": machine_info(args.device),
+        "processes": processes,  # speed, when timed, ran on rank 0 alone
         "methods": results,
     }
     table = results_table(results)

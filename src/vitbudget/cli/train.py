@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
 from ..methods import METHODS
@@ -52,6 +53,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, DDP with each global batch split over ranks, rank 0 writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..train import Trainer, get_recipe
 
@@ -81,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         teacher = load_model(args.init)
     data = resolve_default(args.data, DEFAULT_DATA, "data")
     trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet)
-    if trainer.state_path.is_file():
+    main = distributed.context().main
+    if trainer.state_path.is_file() and main:
         print(f"resuming from {trainer.state_path}", file=sys.stderr)
     result = trainer.fit()
-    print(json.dumps({"model": str(result.model_path), **result.metrics}, indent=1))
+    if main:
+        print(json.dumps({"model": str(result.model_path), **result.metrics}, indent=1))
     return 0

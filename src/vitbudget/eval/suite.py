@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import distributed
 from ..errors import CheckpointError, ConfigError
 from ..methods import load_method, make_options
 from . import metrics
@@ -112,7 +113,11 @@ def run_suite(
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
     latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> dict[str, Any]:
-    """Every entry on the same images; the first entry is the reference for ratios and tests."""
+    """Every entry on the same images; the first entry is the reference for ratios and tests.
+
+    Distributed (torchrun): predictions are shared out and gathered (`predict`), so every rank
+    holds the single-process rows; speed is timed on rank 0 only.
+    """
     rows: dict[str, dict[str, Any]] = {}
     correct: dict[str, list[np.ndarray]] = {}
     speed_methods = {}
@@ -138,7 +143,7 @@ def run_suite(
         row["p_ttest_seeds"] = metrics.paired_ttest(np.array(top1), base) if len(top1) > 1 else None
         row["mcnemar_seed0"] = metrics.mcnemar(correct[label][0], correct[reference][0])
         row["top1_gain"] = row["top1_mean"] - rows[reference]["top1_mean"]
-    if speed:
+    if speed and distributed.context().main:
         for label, entry in measure_speed(speed_methods, dataset, indices, device, latency_repeats=latency_repeats,
                                           throughput_repeats=throughput_repeats, baseline=reference).items():
             rows[label].update(entry)

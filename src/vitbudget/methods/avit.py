@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..runtime.token_map import TokenMap
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
@@ -209,7 +210,7 @@ class AViT(Method):
             running = still
         if self.training:
             with torch.no_grad():
-                self.halt_counts += torch.stack(halted_per_block).to(self.halt_counts)
+                self.halt_counts += distributed.global_sum(torch.stack(halted_per_block).to(self.halt_counts))  # all ranks' tokens
         record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
         return self._finish(acc, record)
 
@@ -356,7 +357,7 @@ class AViT(Method):
         aux = out.record.aux
         if "avit_ponder" not in aux:
             raise ValueError("A-ViT losses need the dense forward (training mode or dense=True); this output came from the removing inference path")
-        q = aux["avit_q"]
+        q = distributed.global_mean(aux["avit_q"])  # the whole batch's halting distribution, also under torchrun
         q = (q / q.sum().clamp(min=torch.finfo(q.dtype).tiny)).clamp(0.01, 0.99)
         log_prior_ = self.log_prior.to(q.dtype)
         kl = (log_prior_.exp() * (log_prior_ - q.log())).sum()
