@@ -151,3 +151,23 @@ def test_export_cli(tmp_path, capsys):
         assert main(["export", "--model", str(ckpt), *argv]) == 1  # a later --model wins
         err = capsys.readouterr().err
         assert err.startswith("vitbudget: error:") and message in err and err.count("\n") == 1
+
+
+def test_onnx_speed_script_tiny(tmp_path):
+    """benchmarks/onnx_speed.py end to end on the toy setting (what the lead's timing run executes)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_speed.py"
+    spec = importlib.util.spec_from_file_location("onnx_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--tiny", "--methods", "evit", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"baseline", "evit"} and rows["baseline"]["rel_flops"] == 1.0
+    evit = rows["evit"]
+    assert evit["tokens"][-1] < evit["tokens"][0] and evit["max_abs_diff"] < ATOL
+    for key in ("ort_b1", "ort_b64", "eager_b1", "eager_b64"):
+        assert evit[key]["fraction_of_ideal"] == pytest.approx(evit[key]["speedup"] * evit["rel_flops"])
+        assert rows["baseline"][key]["speedup"] == 1.0
+    assert "| tiny | evit rho 0.7 |" in (tmp_path / "onnx_speed.md").read_text()

@@ -12,7 +12,7 @@ from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import atomic_path, ensure_writable_dir, write_json, write_text
 from ..methods import METHODS, build_method, load_method
-from .options import add_method_option_flags, check_repeats, check_unused_options, method_options, resolve_default
+from .options import add_checkpoint_flags, add_method_option_flags, check_repeats, check_unused_options, method_options, resolve_default
 
 EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
@@ -29,9 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy, calibration, FLOPs and speed of methods on a dataset",
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
-    ev.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
-    ev.add_argument("--num-classes", type=int, default=None, help="override the head size of a --arch checkpoint")
+    add_checkpoint_flags(ev)
     ev.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
     ev.add_argument("--split", default="test", help="split folder inside --data (default: test)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate a fixed pseudo-random subset of this many images")

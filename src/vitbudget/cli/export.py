@@ -6,7 +6,7 @@ import json
 
 from ..defaults import DEFAULT_MODEL
 from ..methods import METHODS, build_method, load_method
-from .options import add_method_option_flags, check_unused_options, method_options, resolve_default
+from .options import add_checkpoint_flags, add_method_option_flags, check_unused_options, method_options, resolve_default
 
 EPILOG = """examples:
   vitbudget export --method evit --rho 0.7 --out evit.onnx                  # shared reference model
@@ -26,9 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a model with its method to ONNX or torch.export (fixed token counts)",
                         description="Trace a checkpoint with a method into one file that runs without vitbudget.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ex.add_argument("--model", default=None, help=f"checkpoint (.safetensors with sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
-    ex.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_small_patch16_224")
-    ex.add_argument("--num-classes", type=int, default=None, help="override the head size of a --arch checkpoint")
+    add_checkpoint_flags(ex)
     ex.add_argument("--method", default="baseline", choices=sorted(METHODS), help="method to export with the model (default baseline)")
     ex.add_argument("--format", default=None, choices=["onnx", "torch-export"], help="file format (default: from --out's suffix, .onnx or .pt2)")
     ex.add_argument("--out", required=True, help="output file")

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..defaults import default_path
+from ..defaults import DEFAULT_MODEL, default_path
 from ..errors import ConfigError
 from ..methods import METHODS
 
@@ -25,6 +25,13 @@ def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
             group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
                                help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
     return names
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, and --arch / --num-classes for plain timm state dicts."""
+    parser.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
+    parser.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
+    parser.add_argument("--num-classes", type=int, default=None, help="override the head size of a --arch checkpoint")
 
 
 def parse_bool(text: str) -> bool:

@@ -77,11 +77,15 @@ def onnx_block_tokens(path: str | os.PathLike) -> dict[str, list[int]]:
 class OnnxRunner:
     """Logits of an ONNX file under onnxruntime (CPU) for a (B, C, H, W) batch, any B >= 1."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
+        """threads: onnxruntime's intra-op pool (default: its own, the physical cores). spinning=False
+        stops idle pool threads from busy-waiting, which matters when several sessions take turns."""
         ort = require("onnxruntime", "running ONNX files")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.metadata = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
 
