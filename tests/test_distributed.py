@@ -153,3 +153,46 @@ def test_two_process_eval_and_bench_equal_one_process(tmp_path, image_folder, ca
     one, two = (json.loads((tmp_path / d / "bench.json").read_text()) for d in ("bench1", "bench2"))
     assert one["splits"] == two["splits"] and two["processes"] == 2
     assert one["splits"]["test"]["rows"]["abs"]["mcnemar_seed0"] is not None
+
+
+def _ratio_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank r holds 2 + 3r rows ("kept tokens" vary per rank); the loss is their mean over all ranks."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vitbudget.distributed import global_sum
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(3, 1))
+    rows = RATIO_ROWS[sum(2 + 3 * r for r in range(rank)) : sum(2 + 3 * r for r in range(rank + 1))]
+    total = model(rows).square().sum()
+    loss = global_sum(total) / global_sum(torch.tensor(float(len(rows))))
+    loss.backward()
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grad": model.module.weight.grad}, out)
+    dist.destroy_process_group()
+
+
+RATIO_ROWS = torch.arange(21.0).reshape(7, 3) / 10
+
+
+def test_losses_over_the_global_batch_have_the_single_process_gradient(tmp_path):
+    """A mean over items whose count differs per rank (A-ViT's halting distribution, DynamicViT's
+    kept tokens) taken with `global_sum` gives exactly the one-process loss and gradient under DDP."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ratio_worker, args=(2, port, str(tmp_path / "rank0.pt")), nprocs=2)
+    torch.manual_seed(0)
+    single = torch.nn.Linear(3, 1)
+    loss = single(RATIO_ROWS).square().sum() / len(RATIO_ROWS)
+    loss.backward()
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    torch.testing.assert_close(got["loss"], loss.detach())
+    torch.testing.assert_close(got["grad"], single.weight.grad)

@@ -19,6 +19,8 @@ EPILOG = """examples:
   vitbudget eval --limit 1000 --no-speed          # quick check on a fixed 1000-image subset
   vitbudget eval --model my.safetensors --data imgs/ --split val --out runs/mine
   vitbudget eval --model deit_t.pth --arch deit_tiny_patch16_224 --data imagenet.tar --split val
+  torchrun --standalone --nproc_per_node 4 -m vitbudget eval --method evit --device cuda --out runs/evit
+      (whole batches dealt to 4 processes and gathered: the same results as one process; speed timed on rank 0)
 
 Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
 and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each

@@ -17,6 +17,8 @@ EPILOG = """examples:
   vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
   vitbudget train --recipe spot_cifar10 --init ref.safetensors --out runs/spot      # teacher = --init
   vitbudget train --recipe avit_cifar10 --init ref.safetensors --target-depth 6 --out runs/avit_d6
+  torchrun --standalone --nproc_per_node 4 -m vitbudget train --recipe spot_cifar10 --init ref.safetensors --device cuda --out runs/spot
+      (DDP: the recipe's global batch split over 4 processes; rank 0 writes; resume with 4 again)
 
 Checkpoints go to OUT/train_state.pt every --save-every steps and at each epoch end; run the
 same command again to resume after an interruption. The final model is OUT/model.safetensors

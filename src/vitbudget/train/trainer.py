@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import distributed
-
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, subset_indices
 from ..errors import CheckpointError, ConfigError
 from ..eval.evaluate import predict
