@@ -28,6 +28,8 @@ test_requirements=(
   "-e .[robustness]"
   # transformers (the `hf` extra), for the Hugging Face equality tests
   "-e .[hf] transformers==5.23.0"
+  # onnx, onnxscript, onnxruntime (the `export` extra), for the export tests
+  "-e .[export]"
 )
 if [ "$job" = test ]; then
   set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)

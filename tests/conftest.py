@@ -64,6 +64,8 @@ requires_reference = anchor("reference model", REFERENCE_MODEL.is_file, f"expect
 requires_cifar = anchor("CIFAR-10 archive", CIFAR_ARCHIVE.is_file, f"expected at {CIFAR_ARCHIVE} (set VITBUDGET_SHARED)")
 requires_timm = anchor("timm", lambda: has_module("timm"), "pip install --no-deps timm==1.0.31 pyyaml huggingface_hub")
 requires_corruptions = anchor("imagecorruptions-imaug", lambda: importable("imagecorruptions"), "pip install -e '.[robustness]'")
+requires_export = anchor("onnx, onnxscript, onnxruntime", lambda: all(importable(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                         "pip install -e '.[export]'")
 requires_transformers = anchor("transformers", lambda: importable("transformers"), "pip install -e '.[hf]'")
 
 

@@ -6,13 +6,14 @@ import difflib
 import sys
 from typing import Sequence
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import VitbudgetError
 from . import bench, corrupt, counting, train, viz
+from . import export as export_
 from . import eval as eval_
 
 # subcommand name -> module; the order is the order of `vitbudget --help`
-COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting}
+COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting, "export": export_}
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except VitbudgetError as exc:
-        print(f"vitbudget: error: {exc}", file=sys.stderr)
+        print(f"vitbudget: error: {distributed.rank_label()}{exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vitbudget: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import OutputDir, write_json, write_text
@@ -48,6 +49,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, images shared out, results gathered, rank 0 times and writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, subset_indices
     from ..eval.machine import describe_machine, machine_info
     from ..eval.suite import check_suite_classes, load_suite, run_suite, suite_table
@@ -67,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     check_suite_classes(entries, model_path, model.info.classes)
     transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
     said: set[str] = set()
-    datasets = {split: open_dataset(data_path, split, model, transform, args.allow_class_mismatch, said) for split in splits}  # fail fast
+    with distributed.local_main_first():  # one unpack of an archive per machine
+        datasets = {split: open_dataset(data_path, split, model, transform, args.allow_class_mismatch, said) for split in splits}  # fail fast
+    main = distributed.context().main
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
     results, texts, plots = {}, {}, {}
@@ -77,12 +86,17 @@ def run(args: argparse.Namespace) -> int:
                            workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet,
                            latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
         results[split] = {**result, "classes": dataset.classes, "labels": label_source(dataset)}
+        if not main:
+            continue
         table = suite_table(result)
         header = f"`{command}` — split `{split}`, {len(indices)} images, model `{model.info.name}`, {describe_machine(machine)}\n\n"
         texts[f"{stems[split]}.md"] = header + table
         plots[f"{stems[split]}_pareto.png"] = (result["rows"], f"{args.suite} — {split}, {len(indices)} images, {model.info.name}")
         print(f"\n## {split}\n{table}")
-    report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine, "splits": results}
+    if not main:
+        return 0
+    report = {"command": command, "suite": args.suite, "model": str(model_path), "data": str(data_path), "machine": machine,
+              "processes": distributed.context().world, "splits": results}
     if len(results) > 1:
         summary = robustness_table(results)
         texts["summary.md"] = f"`{command}` — top-1 % per split (mean over seeds)\n\n{summary}"

@@ -2,24 +2,25 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 
 import numpy as np
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
-from ..errors import ConfigError
 from ..io import OutputDir, write_json, write_text
 from ..methods import METHODS, build_method, load_method
-from .options import (add_class_mismatch_flag, add_method_option_flags, device_arg, label_source, method_options,
-                      open_dataset, positive_int, resolve_default, workers_count)
+from .options import (add_checkpoint_flags, add_class_mismatch_flag, add_method_option_flags, check_unused_options, device_arg,
+                      label_source, method_options, open_dataset, positive_int, resolve_default, workers_count)
 
 EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
   vitbudget eval --limit 1000 --no-speed          # quick check on a fixed 1000-image subset
   vitbudget eval --model my.safetensors --data imgs/ --split val --out runs/mine
   vitbudget eval --model deit_t.pth --arch deit_tiny_patch16_224 --data imagenet.tar --split val
+  torchrun --standalone --nproc_per_node 4 -m vitbudget eval --method evit --device cuda --out runs/evit
+      (whole batches dealt to 4 processes and gathered: the same results as one process; speed timed on rank 0)
 
 Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
 and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each
@@ -33,9 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy, calibration, FLOPs and speed of methods on a dataset",
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
-    ev.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
-    ev.add_argument("--num-classes", type=positive_int, default=None, help="override the head size of a --arch checkpoint")
+    add_checkpoint_flags(ev)
     ev.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
     ev.add_argument("--split", default="test", help="split folder inside --data (default: test)")
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate a fixed pseudo-random subset of this many images")
@@ -54,6 +53,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, images shared out, results gathered, rank 0 writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, subset_indices
     from ..data.stats import conversion_notes
     from ..eval.evaluate import evaluate, predictions_arrays
@@ -67,28 +72,31 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"num_classes": args.num_classes} if args.num_classes else {}
     model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
     names = list(dict.fromkeys(["baseline", *(args.method or [])]))
-    given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
-    if unused:
-        raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
+    check_unused_options(args, names)
     if args.arch is None:  # our format: a method checkpoint restores its trained parameters
         methods = {name: load_method(model_path, name, **method_options(args, name)).to(args.device) for name in names}
     else:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
 
-    dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
-    for line in model.info.notes + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
-        print(line, file=sys.stderr)
+    with distributed.local_main_first():  # one unpack of an archive per machine
+        dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
+    if distributed.context().main:
+        for line in model.info.notes + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
+            print(line, file=sys.stderr)
     indices = subset_indices(len(dataset), args.limit)
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, speed=not args.no_speed, progress=not args.quiet,
                               latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
+    processes = distributed.context().world
+    if not distributed.context().main:
+        return 0
     report = {
         "command": "vitbudget " + shlex.join(sys.argv[1:]),
         "model": {"path": str(model_path), "name": model.info.name, "config": model.cfg.to_dict()},
         "data": {"path": str(data_path), "split": args.split, "images": len(indices), "of": len(dataset), "limit": args.limit,
                  "classes": dataset.classes, "labels": label_source(dataset)},
         "machine": machine_info(args.device),
+        "processes": processes,  # speed, when timed, ran on rank 0 alone
         "methods": results,
     }
     table = results_table(results)

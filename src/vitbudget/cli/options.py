@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from ..data.loader import MAX_WORKERS
-from ..defaults import default_path
+from ..defaults import DEFAULT_MODEL, default_path
 from ..errors import ConfigError
 from ..methods import METHODS
 
@@ -33,6 +33,13 @@ def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
             group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
                                help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
     return names
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, and --arch / --num-classes for plain timm state dicts."""
+    parser.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
+    parser.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
+    parser.add_argument("--num-classes", type=positive_int, default=None, help="override the head size of a --arch checkpoint")
 
 
 def parse_bool(text: str) -> bool:
@@ -137,3 +144,11 @@ def open_dataset(path: str, split: str | None, model, transform, allow_class_mis
 def label_source(dataset) -> str:
     """How a dataset's labels were assigned, for results files (see data.folder.class_labels)."""
     return "the model's class names" if dataset.labels_by_name else "sorted class-folder names"
+
+
+def check_unused_options(args: argparse.Namespace, names: list[str]) -> None:
+    """A method-option flag that none of the chosen methods has is a mistake, not a silent no-op."""
+    given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
+    if unused:
+        raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")

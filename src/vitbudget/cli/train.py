@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+from .. import distributed
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
 from ..methods import METHODS
@@ -21,6 +22,8 @@ EPILOG = """examples:
   vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
   vitbudget train --recipe spot_cifar10 --init ref.safetensors --out runs/spot      # teacher = --init
   vitbudget train --recipe avit_cifar10 --init ref.safetensors --target-depth 6 --out runs/avit_d6
+  torchrun --standalone --nproc_per_node 4 -m vitbudget train --recipe spot_cifar10 --init ref.safetensors --device cuda --out runs/spot
+      (DDP: the recipe's global batch split over 4 processes; rank 0 writes; resume with 4 again)
 
 Checkpoints go to OUT/train_state.pt every --save-every steps and at each epoch end; run the
 same command again to resume after an interruption. The final model is OUT/model.safetensors
@@ -64,6 +67,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun: one process per rank, DDP with each global batch split over ranks, rank 0 writes (see vitbudget.distributed)."""
+    with distributed.session(args.device) as args.device:  # this rank's device (cuda:LOCAL_RANK under torchrun)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..train import GENERIC, Trainer, get_recipe, recipe_for_data
 
@@ -111,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
         teacher = load_model(args.init)
     trainer = Trainer(recipe, data, args.out, init=init, teacher=teacher, device=args.device, workers=args.workers, progress=not args.quiet,
                       eval_split=args.eval_split)
-    for line in notes + trainer.notes:
-        print(line, file=sys.stderr)
-    if trainer.state_path.is_file():
+    main = distributed.context().main
+    if main:
+        for line in notes + trainer.notes:
+            print(line, file=sys.stderr)
+    if trainer.state_path.is_file() and main:
         print(f"resuming from {trainer.state_path}", file=sys.stderr)
     result = trainer.fit()
-    print(json.dumps({"model": str(result.model_path), **result.metrics}, indent=1))
+    if main:
+        print(json.dumps({"model": str(result.model_path), **result.metrics}, indent=1))
     return 0

@@ -1,4 +1,8 @@
-"""Evaluate methods on a dataset: accuracy, calibration, FLOPs from executed tokens, speed."""
+"""Evaluate methods on a dataset: accuracy, calibration, FLOPs from executed tokens, speed.
+
+Under torchrun the images are shared out by whole batches and the per-batch results gathered
+back in order, so every number equals the single-process run's exactly; speed is timed on rank 0.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.loader import iterate, make_loader
 from ..devices import resolve_device
 from ..methods.base import Method
@@ -41,22 +46,28 @@ def predict(
     method: Method, dataset, indices: Sequence[int], batch_size: int = 256, workers: int | None = None,
     device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval",
 ) -> Predictions:
-    """Run `method` over dataset[indices] in order; collect logits, labels and per-image FLOPs."""
+    """Run `method` over dataset[indices] in order; collect logits, labels and per-image FLOPs.
+
+    Distributed: each rank runs whole batches of the single-process run (`distributed.deal_batches`)
+    and every rank gets all of them back in order, so results do not depend on the process count.
+    """
     method.eval()
     cfg = method.model.cfg
-    loader = make_loader(dataset, indices, batch_size, workers)
-    logits, labels, macs, executed, depth = [], [], [], [], []
+    mine = distributed.deal_batches(indices, batch_size)
+    loader = make_loader(dataset, [i for _, batch in mine for i in batch], batch_size, workers)
     tokens_in = cfg.num_patches + cfg.num_prefix_tokens
-    bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, leave=False)
-    for images, targets in iterate(loader):
+    pieces = []  # (batch number, logits, labels, macs, executed macs x images, token depth)
+    bar = tqdm(total=sum(len(batch) for _, batch in mine), desc=desc, unit="img", disable=not progress or not distributed.context().main, leave=False)
+    for (number, _), (images, targets) in zip(mine, iterate(loader)):
         out = method(images.to(device))
-        logits.append(out.logits.float().cpu())
-        labels.append(targets)
-        macs.append(macs_per_image(cfg, out.record))
-        executed.append(executed_macs_per_image(cfg, out.record) * len(targets))
-        depth.append(torch.stack(out.record.attn_tokens).sum(0).double().cpu() / tokens_in)
+        pieces.append((number, out.logits.float().cpu(), targets, macs_per_image(cfg, out.record),
+                       executed_macs_per_image(cfg, out.record) * len(targets),
+                       torch.stack(out.record.attn_tokens).sum(0).double().cpu() / tokens_in))
         bar.update(len(targets))
     bar.close()
+    if distributed.context().world > 1:
+        pieces = sorted((p for rank in distributed.all_gather(pieces) for p in rank), key=lambda p: p[0])
+    _, logits, labels, macs, executed, depth = zip(*pieces)
     return Predictions(torch.cat(logits), torch.cat(labels), torch.cat(macs), float(sum(executed)) / len(indices), torch.cat(depth),
                        features=cfg.num_classes == 0)
 
@@ -92,7 +103,10 @@ def evaluate(
     device: torch.device | str = "cpu", speed: bool = True, progress: bool = True, baseline: str | None = None,
     latency_repeats: int = 50, throughput_repeats: int = 10,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Predictions]]:
-    """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default)."""
+    """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default).
+
+    Distributed: every rank gets the same results; speed is timed on rank 0 only (the others wait).
+    """
     device = resolve_device(device)
     baseline = baseline or next(iter(methods))
     results, preds = {}, {}
@@ -100,7 +114,7 @@ def evaluate(
         pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=name)
         preds[name] = pred
         results[name] = {**method.describe(), **pred.summary(dense_macs(method.base_cfg))}
-    if speed:
+    if speed and distributed.context().main:
         for name, entry in measure_speed(methods, dataset, indices, device, latency_repeats=latency_repeats,
                                          throughput_repeats=throughput_repeats, baseline=baseline).items():
             results[name].update(entry)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import distributed
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import load_method, make_options
@@ -144,6 +145,9 @@ def run_suite(
     A feature extractor (no head) has no labels to score: each row reports the cosine similarity
     of its pooled features to the reference entry's (seed 0), per image, averaged; p-values and
     McNemar tests are left out.
+
+    Distributed (torchrun): predictions are shared out and gathered (`predict`), so every rank
+    holds the single-process rows; speed is timed on rank 0 only.
     """
     device = resolve_device(device)
     rows: dict[str, dict[str, Any]] = {}
@@ -175,7 +179,7 @@ def run_suite(
         row["p_ttest_seeds"] = metrics.paired_ttest(np.array(top1), base) if len(top1) > 1 else None
         row["mcnemar_seed0"] = metrics.mcnemar(correct[label][0], correct[reference][0])
         row["top1_gain"] = row["top1_mean"] - rows[reference]["top1_mean"]
-    if speed:
+    if speed and distributed.context().main:
         for label, entry in measure_speed(speed_methods, dataset, indices, device, latency_repeats=latency_repeats,
                                           throughput_repeats=throughput_repeats, baseline=reference).items():
             rows[label].update(entry)

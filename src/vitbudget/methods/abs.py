@@ -90,6 +90,9 @@ class ABS(Method):
         self.head_classes = cfg.num_classes or cfg.embed_dim  # a headless backbone: embed_dim random outputs
         if options.score == "entropy":
             self._init_entropy_head(cfg.embed_dim, self.hidden, self.head_classes, options.seed)
+        if options.score == "random":  # drawn once: an exported program must not carry (and advance) a generator
+            g = torch.Generator().manual_seed(options.seed)
+            self.register_buffer("random_scores", torch.rand(cfg.num_patches, generator=g), persistent=False)
 
     def _init_entropy_head(self, dim: int, hidden: int, classes: int, seed: int) -> None:
         """nn.Linear's default init from a local generator: buffers (never trained, moved by .to()),
@@ -124,10 +127,9 @@ class ABS(Method):
             return state.extras["abs_score"]
         if kind == "gradsim":
             return state.x[:, p:].float().norm(dim=-1)
-        # random: one draw per call from `seed`, shared by every image, so a result does not
-        # depend on batch composition; another seed draws another set of patch positions
-        g = torch.Generator().manual_seed(self.options.seed)
-        return torch.rand(state.width - p, generator=g).to(state.x.device).expand(state.batch_size, -1)
+        # random: one draw from `seed`, shared by every image, so a result does not depend on
+        # batch composition; another seed draws another set of patch positions
+        return self.random_scores[: state.width - p].expand(state.batch_size, -1)
 
     def scorer_macs(self, n: int) -> float:
         """Per-image overhead. attnvar: 0, the probabilities are the attention the block computes anyway."""

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..runtime.token_map import TokenMap
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
@@ -184,7 +185,7 @@ class AViT(Method):
         q, halted_per_block = [], []
         for i, block in enumerate(model.blocks):
             needed = running & running[:, :1]  # what the removing path runs: own ACT running and CLS running
-            if bool(running.all()):
+            if not torch.compiler.is_compiling() and bool(running.all()):  # traced: always the mask (same maths)
                 key_mask = None
             else:  # halted tokens are no keys; an image with nothing running keeps all (its rows are discarded)
                 key_mask = running | ~running.any(dim=1, keepdim=True)
@@ -211,7 +212,7 @@ class AViT(Method):
             running = still
         if self.training:
             with torch.no_grad():
-                self.halt_counts += torch.stack(halted_per_block).to(self.halt_counts)
+                self.halt_counts += distributed.global_sum(torch.stack(halted_per_block).to(self.halt_counts))  # all ranks' tokens
         record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
         return self._finish(acc, record)
 
@@ -358,7 +359,7 @@ class AViT(Method):
         aux = out.record.aux
         if "avit_ponder" not in aux:
             raise ValueError("A-ViT losses need the dense forward (training mode or dense=True); this output came from the removing inference path")
-        q = aux["avit_q"]
+        q = distributed.global_mean(aux["avit_q"])  # the whole batch's halting distribution, also under torchrun
         q = (q / q.sum().clamp(min=torch.finfo(q.dtype).tiny)).clamp(0.01, 0.99)
         log_prior_ = self.log_prior.to(q.dtype)
         kl = (log_prior_.exp() * (log_prior_ - q.log())).sum()

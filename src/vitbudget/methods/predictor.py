@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import ConfigError
 from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo
@@ -355,12 +356,14 @@ class PredictorMethod(Method):
             mask = out.state.policy[:, p:] > 0.5
             student = self.model.norm(out.state.x[:, p:][mask])
             target = teacher.record.aux["final_tokens"][:, p:][mask]
-            if student.numel():
-                if self.token_loss == "cosine":  # SPOT eq. 14: 1 - cos over the retained tokens
-                    distance = (1 - F.cosine_similarity(student, target, dim=-1)).mean()
-                else:
-                    distance = F.mse_loss(student, target)
-                losses["token_distill"] = self.options.token_distill * distance
+            # a mean over kept tokens, whose number varies per image: over all ranks' tokens under torchrun
+            if self.token_loss == "cosine":  # SPOT eq. 14: 1 - cos over the retained tokens
+                total, count = (1 - F.cosine_similarity(student, target, dim=-1)).sum(), student.shape[0]
+            else:  # MSE over the elements of the retained tokens
+                total, count = (student - target).square().sum(), student.numel()
+            count = distributed.global_sum(torch.tensor(float(count), device=total.device))
+            if count > 0:
+                losses["token_distill"] = self.options.token_distill * distributed.global_sum(total) / count
         return losses
 
     def token_map(self, out: RunOutput) -> TokenMap | None:

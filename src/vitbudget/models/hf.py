@@ -46,7 +46,6 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from .config import ModelInfo, Preprocess, ViTConfig
-from .pos_embed import resample_abs_pos_embed
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

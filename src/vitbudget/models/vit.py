@@ -6,6 +6,8 @@ the token runtime uses, so the plain forward and the block runner cannot disagre
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +117,11 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """timm-compatible ViT: `state_dict()` keys equal timm's for the same config."""
 
+    #: embed() rejects NaN / inf input. The check reads the values (a host sync), which a traced
+    #: program (torch.export, ONNX, torch.compile without graph breaks) cannot contain: tracing
+    #: code turns it off with `unchecked_values` and checks eagerly, outside, with `check_input`.
+    check_values: bool = True
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -159,8 +166,12 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
     # -- input --
-    def check_input(self, images: Tensor) -> None:
-        """Shape, channel and finiteness checks with messages a user can act on."""
+    def check_input(self, images: Tensor, values: bool | None = None) -> None:
+        """Shape, channel and finiteness checks with messages a user can act on.
+
+        The shape checks read only static sizes (safe under tracing); the finiteness check runs
+        when `values` is True, or by default when `self.check_values` is.
+        """
         cfg = self.cfg
         if not isinstance(images, Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -174,7 +185,7 @@ class VisionTransformer(nn.Module):
             )
         if not images.is_floating_point():
             raise InputError(f"expected a floating-point image tensor, got {images.dtype}")
-        if not bool(torch.isfinite(images).all()):
+        if (self.check_values if values is None else values) and not bool(torch.isfinite(images).all()):
             raise InputError("input contains NaN or infinite values")
 
     def embed(self, images: Tensor) -> Tensor:
@@ -254,3 +265,24 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token", "reg_token"}
+
+
+@contextlib.contextmanager
+def unchecked_values(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every VisionTransformer in `module` skips the data-dependent NaN / inf check.
+
+    For tracing (export, compile): the caller checks its inputs eagerly instead, e.g. with
+    `model.check_input(images, values=True)`. The shape checks stay.
+    """
+    vits = [m for m in module.modules() if isinstance(m, VisionTransformer)]
+    saved = [m.__dict__.get("check_values") for m in vits]
+    for m in vits:
+        m.check_values = False
+    try:
+        yield
+    finally:
+        for m, value in zip(vits, saved):
+            if value is None:
+                del m.check_values
+            else:
+                m.check_values = value

@@ -1,4 +1,9 @@
-"""The training loop: deterministic data order, periodic atomic checkpoints, exact resume."""
+"""The training loop: deterministic data order, periodic atomic checkpoints, exact resume.
+
+Under torchrun the same loop runs data-parallel (DDP): every global batch is split into one
+slice per rank, gradients are averaged, and only rank 0 writes checkpoints and logs; the
+result is the single-process one up to float summation order (see `vitbudget.distributed`).
+"""
 from __future__ import annotations
 
 import math
@@ -10,8 +15,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, resolve_split_dir, subset_indices
 from ..data.stats import STATS_SAMPLE, channel_mean_std, conversion_notes
 from ..devices import resolve_device
@@ -50,12 +57,39 @@ class TrainResult:
     log: list[dict[str, Any]]
 
 
+class TrainStep(nn.Module):
+    """The method and its losses as one module: DDP then sees exactly the parameters the loss used,
+    whatever the method adds (predictors, extra blocks) or leaves unused in a step."""
+
+    def __init__(self, method: nn.Module, teacher: nn.Module | None, recipe: Recipe):
+        super().__init__()
+        self.method = method
+        self.recipe = recipe
+        self._teacher = [teacher]  # not a submodule: frozen, and no business of DDP
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.method(images)
+        parts = {"ce": classification_loss(out.logits, targets, self.recipe.label_smoothing)}
+        teacher = None
+        if self._teacher[0] is not None:
+            with torch.no_grad():
+                teacher = run_teacher(self._teacher[0], images)
+            if self.recipe.distill_weight:
+                parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher.logits)
+        parts.update(self.method.extra_losses(out, targets, teacher))
+        return sum(parts.values()), parts
+
+
 class Trainer:
     """Train (or fine-tune) a ViT, or a method around one, on an ImageFolder dataset.
 
     Everything random is a function of the recipe's seed: model init, the order of each epoch
     and each sample's augmentation. A run killed at any point resumes from its last
     checkpoint and ends with the same weights as a run that was never interrupted.
+
+    Launched by torchrun (`distributed.session` joined), it trains with DDP: rank r takes its
+    slice of every global batch of `recipe.batch_size`, so the global batch and the learning
+    rate schedule stay the recipe's; rank 0 alone writes.
     """
 
     def __init__(
@@ -66,16 +100,19 @@ class Trainer:
         self.out_dir = check_output_dir(out_dir)  # created by the first checkpoint, so a run that fails to start leaves nothing
         self.device = resolve_device(device)
         self.workers = workers
-        self.progress = progress
+        self.dist = distributed.context()
+        self.local_batch = distributed.local_batch_size(recipe.batch_size, self.dist)
+        self.progress = progress and self.dist.main
         self.notes: list[str] = []  # one line per decision the data forced (normalisation, new head, conversions)
         torch.manual_seed(recipe.seed)
-        self.train_set = ImageFolder(data, "train")
+        with distributed.local_main_first():  # one process per machine unpacks an archive
+            self.train_set = ImageFolder(data, "train")
         classes = self.train_set.classes
         if init is None:
             if not recipe.arch:
                 raise ConfigError(f"recipe {recipe.name!r} fine-tunes a checkpoint: pass --init CKPT")
             if recipe.mean is None:  # never another data set's: this one's own statistics
-                mean, std = channel_mean_std(self.train_set, recipe.arch["img_size"], progress=progress)
+                mean, std = channel_mean_std(self.train_set, recipe.arch["img_size"], progress=self.progress)
                 recipe = recipe.replace(mean=mean, std=std)
                 source = f"computed from {min(STATS_SAMPLE, len(self.train_set))} of {len(self.train_set)} training images"
             else:
@@ -121,7 +158,18 @@ class Trainer:
             raise ConfigError(f"the teacher has {teacher_classes} outputs, the model {model.cfg.num_classes}: distillation needs the same classes")
         if recipe.distill_weight and self.teacher is None:
             raise ConfigError("the recipe sets distill_weight but no teacher model was given")
-        self.optimizer = make_optimizer(self.method, recipe)
+        self.optimizer = make_optimizer(self.method, recipe)  # freezes parameters: before DDP looks at them
+        self.train_step = TrainStep(self.method, self.teacher, recipe)
+        self.step_fn: nn.Module = self.train_step
+        if self.dist.world > 1:
+            # static_graph: DDP learns in the first step which parameters the loss uses (a method may
+            # leave some out, e.g. ABS's extra block at alpha 0) and expects the same set every step,
+            # as every built-in method's training path has; buffers are alike on every rank (or summed
+            # over ranks by the method), so they are not re-broadcast each step
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_fn = DistributedDataParallel(self.train_step, device_ids=ids, static_graph=True, forward_sync_buffers=False)
+            if self.dist.rank:  # the model is initialised alike; noise (dropout, Gumbel) differs per rank
+                torch.manual_seed(distributed.rank_seed(recipe.seed, self.dist))
         self.train_indices = subset_indices(len(self.train_set), recipe.train_limit, recipe.seed)
         self.steps_per_epoch = len(self.train_indices) // recipe.batch_size
         if self.steps_per_epoch == 0:
@@ -137,20 +185,30 @@ class Trainer:
         return self.out_dir / STATE_FILE
 
     def save_state(self) -> None:
+        rank_rng = distributed.all_gather(distributed.rng_states()) if self.dist.world > 1 else None
+        if not self.dist.main:
+            return
         state = {
             "step": self.step, "recipe": self.recipe.to_dict(), "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(), **rng_state(), "log": self.log, "elapsed": self.elapsed,
+            "world_size": self.dist.world,
         }
+        if rank_rng is not None:
+            state["rank_rng"] = rank_rng
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
 
     def try_resume(self) -> bool:
-        if not self.state_path.is_file():
+        state = distributed.broadcast(self._read_state() if self.dist.main else None)  # rank 0 reads: no shared disk needed
+        if state is None:
             return False
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-            raise CheckpointError(f"cannot resume from {str(self.state_path)!r}: {exc}; delete it to start over") from exc
+        if isinstance(state, str):
+            raise CheckpointError(state)
+        if state.get("world_size", 1) != self.dist.world:
+            raise CheckpointError(
+                f"{str(self.state_path)!r} was written by {state.get('world_size', 1)} process(es) and this run has {self.dist.world}; "
+                f"resume with {state.get('world_size', 1)} in total (torchrun --nnodes A --nproc_per_node B with A x B = {state.get('world_size', 1)}; "
+                "no torchrun for 1): each rank's data slices and random stream are its own")
         saved = Recipe.from_dict(state["recipe"]).to_dict()  # fields added since it was written take their defaults
         if saved != self.recipe.to_dict():
             changed = sorted(k for k in saved if saved[k] != self.recipe.to_dict().get(k))
@@ -158,24 +216,27 @@ class Trainer:
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng_state(state)
+        if "rank_rng" in state:
+            distributed.set_rng_states(state["rank_rng"][self.dist.rank])
         self.step, self.log, self.elapsed = state["step"], state["log"], state["elapsed"]
         return True
 
+    def _read_state(self) -> dict | str | None:
+        """The checkpoint, None when there is none, or the error message when it cannot be read."""
+        if not self.state_path.is_file():
+            return None
+        try:
+            return torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+            return f"cannot resume from {str(self.state_path)!r}: {exc}; delete it to start over"
+
     # -- loop --
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.method(images)
-        parts = {"ce": classification_loss(out.logits, targets, self.recipe.label_smoothing)}
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher = run_teacher(self.teacher, images)
-            if self.recipe.distill_weight:
-                parts["distill"] = self.recipe.distill_weight * distillation_loss(out.logits, teacher.logits)
-        parts.update(self.method.extra_losses(out, targets, teacher))
-        total = sum(parts.values())
+        """This rank's loss (the local batch's); the logged parts are averaged over ranks, i.e. the global batch's."""
+        total, parts = self.step_fn(images, targets)
         if not torch.isfinite(total):
             raise FloatingPointError(f"non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }")
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, distributed.mean_over_ranks({k: float(v.detach()) for k, v in parts.items()})
 
     def evaluate(self, limit: int | None) -> dict[str, float]:
         indices = subset_indices(len(self.test_set), limit, seed=0)
@@ -193,7 +254,8 @@ class Trainer:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.train_set.set_epoch(epoch, recipe.seed)
             order = epoch_order(self.train_indices, recipe.seed, epoch)[: self.steps_per_epoch * recipe.batch_size]
-            loader = make_loader(self.train_set, order[start * recipe.batch_size :], recipe.batch_size, self.workers, drop_last=True)
+            local = distributed.shard_steps(order[start * recipe.batch_size :], recipe.batch_size, self.dist)
+            loader = make_loader(self.train_set, local, self.local_batch, self.workers, drop_last=True)
             tick = time.perf_counter()
             for images, targets in iterate(loader):
                 images, targets = images.to(self.device), targets.to(self.device)
@@ -212,7 +274,8 @@ class Trainer:
                     self.elapsed += time.perf_counter() - tick
                     tick = time.perf_counter()
                     self.log.append({"epoch": epoch, "step": self.step, "train_loss": parts["ce"], **self.evaluate(recipe.eval_limit), "seconds": round(self.elapsed, 1)})
-                    bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.log[-1].items() if isinstance(v, float)))
+                    if self.dist.main:
+                        bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.log[-1].items() if isinstance(v, float)))
                 if epoch_done or self.step % recipe.save_every_steps == 0:
                     self.elapsed += time.perf_counter() - tick
                     tick = time.perf_counter()
@@ -226,7 +289,11 @@ class Trainer:
                     break
         bar.close()
         metrics = self.evaluate(recipe.final_eval_limit)
-        path = save_method(self.method, self.out_dir / MODEL_FILE, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1))
+        path = self.out_dir / MODEL_FILE
+        if self.dist.main:
+            save_method(self.method, path, recipe=recipe.to_dict(), log=self.log, metrics=metrics, train_seconds=round(self.elapsed, 1),
+                        processes=self.dist.world)
+        distributed.barrier()  # the model exists before any rank reports it
         return TrainResult(path, metrics, self.log)
 
 

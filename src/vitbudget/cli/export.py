@@ -1,0 +1,61 @@
+"""`vitbudget export`: a checkpoint with its method as one ONNX file or `torch.export` program."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..defaults import DEFAULT_MODEL
+from ..methods import METHODS, build_method, load_method
+from .options import add_checkpoint_flags, add_method_option_flags, check_unused_options, method_options, resolve_default
+
+EPILOG = """examples:
+  vitbudget export --method evit --rho 0.7 --out evit.onnx                  # shared reference model
+  vitbudget export --model runs/ft/spot/model.safetensors --method spot --out spot.pt2
+  vitbudget export --model deit_s.pth --arch deit_small_patch16_224 --method tome --r 13 --format onnx --out tome.onnx
+  vitbudget export --method avit --dense true --model runs/avit_d6/model.safetensors --out avit.onnx
+
+The file takes a float32 batch "images" (batch, 3, H, W), normalised as its metadata says, and
+returns "logits"; the batch size is free. Metadata (preprocessing, class names, method and options,
+tokens per block, FLOPs, vitbudget version) is in ONNX metadata_props, or in the .pt2 archive as
+vitbudget.json; read either with vitbudget.export.read_metadata. Before the file is published it
+is run on 3 random images and compared with PyTorch. ONNX needs pip install 'vitbudget[export]'.
+A-ViT's removing path has data-dependent shapes: export it with --dense true."""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    ex = sub.add_parser("export", help="export a model with its method to ONNX or torch.export (fixed token counts)",
+                        description="Trace a checkpoint with a method into one file that runs without vitbudget.",
+                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_flags(ex)
+    ex.add_argument("--method", default="baseline", choices=sorted(METHODS), help="method to export with the model (default baseline)")
+    ex.add_argument("--format", default=None, choices=["onnx", "torch-export"], help="file format (default: from --out's suffix, .onnx or .pt2)")
+    ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 20 with torch 2.13; ToMe's scatter-add needs >= 16)")
+    ex.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
+    ex.add_argument("--no-verify", action="store_true", help="skip running the exported file against PyTorch")
+    add_method_option_flags(ex)
+    return ex
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_method, format_of
+    from ..models import load_model
+
+    fmt = format_of(args.out, args.format)  # before any loading: a bad name fails at once
+    model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
+    check_unused_options(args, [args.method])
+    if args.arch is None:
+        method = load_method(model_path, args.method, **method_options(args, args.method))
+    else:
+        overrides = {"num_classes": args.num_classes} if args.num_classes else {}
+        method = build_method(args.method, load_model(model_path, arch=args.arch, **overrides), **method_options(args, args.method))
+    result = export_method(method.to(args.device), args.out, fmt, source=str(model_path), verify=not args.no_verify, opset=args.opset)
+    meta = result.metadata
+    print(f"wrote {result.path} ({result.format}): {meta['method']['name']} {json.dumps(meta['method']['options'])}")
+    print(f"tokens entering each block's attention in the exported graph: {meta['tokens']['attention']}")
+    print(f"GFLOPs per image {meta['gflops']:.4f} ({meta['rel_flops']:.3f}x the model without the method)")
+    if result.max_abs_diff is None:
+        print("not checked against PyTorch" + ("" if args.no_verify else " (onnxruntime is not installed)"))
+    else:
+        print(f"max |logits - PyTorch logits| = {result.max_abs_diff:.2e} on 3 random images")
+    return 0
