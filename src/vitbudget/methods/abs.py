@@ -1,7 +1,8 @@
 """ABS, Attention Budget Scheduling: one extra block refines only the top-k patch tokens.
 
 After the model's last block, patch tokens are scored (entropy of a random shallow head on the
-penultimate block, last-block CLS-attention variance across heads, feature norm, or random),
+penultimate block, last-block CLS-attention variance across heads, feature norm, or random: a
+per-image random choice, see `ABS.random_scores`),
 the prefix tokens plus the k = round(alpha * N) best patches go through one extra transformer
 block initialised as a copy of the last block, and the refined tokens are scattered back into
 their positions before the final norm and head. Post-hoc: nothing is trained.
@@ -18,6 +19,7 @@ the entropy head is regenerated from `seed`, so it is a non-persistent buffer.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -97,6 +99,37 @@ class ABS(Method):
             self.register_buffer(f"head_w{name}", (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound, persistent=False)
             self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound, persistent=False)
 
+    def forward(self, images: Tensor) -> RunOutput:
+        if self.k == 0 or self.options.score != "random":
+            return super().forward(images)
+        self._drawn = self.random_scores(images)  # read by `begin`, for this run only
+        try:
+            return super().forward(images)
+        finally:
+            self._drawn = None
+
+    def begin(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> TokenState:
+        drawn = getattr(self, "_drawn", None)
+        return state if drawn is None else state.replace(extras={**state.extras, "abs_score": drawn})
+
+    def random_scores(self, images: Tensor) -> Tensor:
+        """(B, N) uniform scores, drawn per image: the paper's Random row is a per-image choice.
+
+        Each image has its own generator, seeded by `seed` and a hash of the image's exact values
+        (dtype, shape and bytes). So a draw is reproducible, differs between images and between
+        seeds, and depends on nothing else: not on the batch an image is in nor on its position
+        (batched equals one-by-one). Byte-identical images draw the same positions.
+        """
+        n = self.model.cfg.num_patches
+        pixels = images.detach().cpu().contiguous()
+        rows = []
+        for image in pixels:
+            digest = hashlib.blake2b(str((image.dtype, tuple(image.shape))).encode(), digest_size=8, key=str(self.options.seed).encode())
+            digest.update(image.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+            g = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+            rows.append(torch.rand(n, generator=g))
+        return torch.stack(rows).to(images.device)
+
     # -- scoring, stashed in state.extras so it travels with the tokens --
     def needs_probs(self, index: int) -> bool:
         return self.k > 0 and self.options.score == "attnvar" and index == self.model.cfg.depth - 1
@@ -121,10 +154,7 @@ class ABS(Method):
             return state.extras["abs_score"]
         if kind == "gradsim":
             return state.x[:, p:].float().norm(dim=-1)
-        # random: one draw per call from `seed`, shared by every image, so a result does not
-        # depend on batch composition; another seed draws another set of patch positions
-        g = torch.Generator().manual_seed(self.options.seed)
-        return torch.rand(state.width - p, generator=g).to(state.x.device).expand(state.batch_size, -1)
+        return state.extras["abs_score"]  # random: drawn per image before the run (`forward`)
 
     def scorer_macs(self, n: int) -> float:
         """Per-image overhead. attnvar: 0, the probabilities are the attention the block computes anyway."""
