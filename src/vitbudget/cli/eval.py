@@ -11,14 +11,16 @@ import numpy as np
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import atomic_path, ensure_writable_dir, write_json, write_text
-from ..methods import METHODS, build_method, load_method
-from .options import add_method_option_flags, check_repeats, method_options, resolve_default
+from ..methods import build_method, get_spec, load_method
+from .options import (add_config_flag, add_method_option_flags, apply_run_config, check_repeats, method_help, method_name,
+                      method_options, resolve_default)
 
 EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
   vitbudget eval --limit 1000 --no-speed          # quick check on a fixed 1000-image subset
   vitbudget eval --model my.safetensors --data imgs/ --split val --out runs/mine
   vitbudget eval --model deit_t.pth --arch deit_tiny_patch16_224 --data imagenet.tar --split val
+  vitbudget eval --config runs/tune/config.json --data imgs/    # the setting `vitbudget tune` chose, on the test split
 
 Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
 and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each
@@ -38,12 +40,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
     ev.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
     ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    ev.add_argument("--method", action="append", default=None, choices=sorted(METHODS), help="method to evaluate; repeat for several (the baseline is always included)")
+    ev.add_argument("--method", action="append", default=None, type=method_name, metavar="NAME",
+                    help=method_help("method to evaluate; repeat for several (the baseline is always included)"))
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     ev.add_argument("--latency-repeats", type=int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     ev.add_argument("--throughput-repeats", type=int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flag(ev)
     add_method_option_flags(ev)
     return ev
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from ..report import results_table
 
     check_repeats(args)
+    apply_run_config(args, method_list=True)
     out_dir = ensure_writable_dir(args.out)
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     data_path = resolve_default(args.data, DEFAULT_DATA, "data")
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
     names = list(dict.fromkeys(["baseline", *(args.method or [])]))
     given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
+    unused = given - {f.name for n in names for f in dataclasses.fields(get_spec(n).options)}
     if unused:
         raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
     if args.arch is None:  # our format: a method checkpoint restores its trained parameters

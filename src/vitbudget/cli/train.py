@@ -7,8 +7,7 @@ import sys
 
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from ..methods import METHODS
-from .options import add_method_option_flags, method_options, resolve_default
+from .options import add_method_option_flags, method_help, method_name, method_options, resolve_default
 
 EPILOG = """examples:
   vitbudget train --recipe smoke --out runs/smoke          # seconds: checks an installation
@@ -43,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     tr.add_argument("--freeze", action="append", default=None, help="freeze parameters whose name contains this (repeatable)")
     tr.add_argument("--lr-scale", action="append", default=None, metavar="PATTERN=SCALE", help="learning-rate multiplier for parameters whose name contains PATTERN (repeatable)")
-    tr.add_argument("--method", default=None, choices=sorted(METHODS), help="train this method around the ViT (default: the recipe's)")
+    tr.add_argument("--method", default=None, type=method_name, metavar="NAME",
+                    help=method_help("train this method around the ViT (default: the recipe's); a stack trains its reducer"))
     tr.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
     tr.add_argument("--device", default="cpu", help="torch device (default cpu)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
