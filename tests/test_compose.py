@@ -365,18 +365,22 @@ def test_suite_entries_pair_a_stack_with_its_parts(tmp_path, capsys, checkpoint,
     from vitbudget.eval import metrics
     from vitbudget.eval.evaluate import predict
 
+    other = make_model(seed=5)  # another backbone: its predictions differ from the reference's
+    other.info.classes = [f"class{c:02d}" for c in range(10)]
+    other_path = save_model(other, tmp_path / "other.safetensors")
     suite = tmp_path / "suite.json"
     suite.write_text(json.dumps({"entries": [
         {"label": "Baseline", "method": "baseline"},
         {"label": "ToMe r 2", "method": "tome", "options": {"r": 2}},
-        {"label": "stack", "method": "tome+abs", "options": {"r": 2, "alpha": 0.5}, "seeded": True, "versus": ["ToMe r 2"]},
+        {"label": "other", "method": "baseline", "model": str(other_path)},
+        {"label": "stack", "method": "tome+abs", "options": {"r": 2, "alpha": 0.5}, "seeded": True, "versus": ["ToMe r 2", "other"]},
     ]}))
     argv = ["bench", "--suite", str(suite), "--model", str(checkpoint), "--data", str(image_folder), "--out", str(tmp_path / "b"),
             "--quiet", "--workers", "0", "--no-speed", "--limit", "24", "--seeds", "2"]
     assert main(argv) == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "b" / "bench.json").read_text())["splits"]["test"]["rows"]
     pair = rows["stack"]["versus"]["ToMe r 2"]
-    assert set(rows["stack"]["versus"]) == {"ToMe r 2"} and "versus" not in rows["ToMe r 2"]
+    assert set(rows["stack"]["versus"]) == {"ToMe r 2", "other"} and "versus" not in rows["ToMe r 2"]
     assert pair["top1_gain"] == pytest.approx(rows["stack"]["top1_mean"] - rows["ToMe r 2"]["top1_mean"])
     dataset = ImageFolder(image_folder, "test", EvalTransform(32, load_method(checkpoint).model.info.preprocess))
     idx = subset_indices(len(dataset), 24)
@@ -386,6 +390,11 @@ def test_suite_entries_pair_a_stack_with_its_parts(tmp_path, capsys, checkpoint,
     ok_a, ok_b = (a.logits.argmax(1) == a.labels).numpy(), (b.logits.argmax(1) == b.labels).numpy()
     assert (pair["mcnemar_seed0"]["only_a"], pair["mcnemar_seed0"]["only_b"]) == (int((ok_a & ~ok_b).sum()), int((~ok_a & ok_b).sum()))
     assert pair["ece_bootstrap_seed0"]["delta"] == pytest.approx(100 * (metrics.ece(a.logits, a.labels) - metrics.ece(b.logits, b.labels)))
+    c = predict(load_method(other_path), dataset, idx, workers=0, progress=False)
+    ok_c = (c.logits.argmax(1) == c.labels).numpy()
+    counts = rows["stack"]["versus"]["other"]["mcnemar_seed0"]
+    assert (counts["only_a"], counts["only_b"]) == (int((ok_a & ~ok_c).sum()), int((~ok_a & ok_c).sum()))
+    assert (ok_c != (predict(load_method(checkpoint), dataset, idx, workers=0, progress=False).logits.argmax(1) == c.labels).numpy()).any()
     assert "| stack | ToMe r 2 |" in (tmp_path / "b" / "test.md").read_text()
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, make_model, write_image_folder
 
 import vitbudget.data.folder as folder
@@ -283,3 +284,20 @@ def test_tune_skips_families_that_do_not_apply(tmp_path, capsys, image_folder):
     assert read_run_config(tmp_path / "tune" / "config.json").batch_size is None
     assert any(k.startswith("EViT") for k in result["skipped"]) and not any(k.startswith("EViT") for k in result["rows"])
     assert "Not applicable to this model" in (tmp_path / "tune" / "tune.md").read_text()
+
+
+def test_speedup_is_baseline_time_over_candidate_time():
+    """Round-robin timing of callables with known costs: a candidate 3x quicker than the baseline reads ~3x."""
+    import time
+
+    def sleeper(seconds):
+        def fn(x):
+            time.sleep(seconds)
+        return fn
+
+    dataset = [(torch.zeros(3, 4, 4), 0)] * 4
+    speed = tune_module.measure_speedups({"Baseline": sleeper(0.012), "fast": sleeper(0.004)}, dataset, range(4), batch_size=1,
+                                         device="cpu", repeats=5, warmup=0, progress=False)
+    assert speed["Baseline"]["speedup"] == 1.0
+    assert 2.0 < speed["fast"]["speedup"] < 3.6
+    assert speed["fast"]["latency_ms"] < speed["Baseline"]["latency_ms"]
