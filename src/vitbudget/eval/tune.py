@@ -210,7 +210,7 @@ def tune(
     timing = measure_speedups(methods, dataset, indices, batch_size=batch_size, device=device, repeats=repeats, warmup=warmup,
                               progress=progress) if speed else {}
     for label, row in rows.items():
-        row.update(timing.get(label, {"speedup": None, "latency_ms": None, "images_per_s": None}))
+        row.update(timing.get(label, dict.fromkeys(("speedup", "speedup_q25", "speedup_q75", "latency_ms", "images_per_s"))))
         row["fraction_of_ideal"] = None if row["speedup"] is None else row["speedup"] * row["rel_flops"]
         row["meets"] = meets(row, target_speedup, target_flops)
     chosen = recommend(rows, target_speedup, target_flops)
@@ -232,8 +232,13 @@ def measure_speedups(methods: dict[str, Any], dataset, indices: Sequence[int], *
         for name, ts in time_interleaved(methods, [inputs[r % len(inputs)]], warmup=0, repeats=1).items():
             times[name] += ts
     base = times["Baseline"]
-    return {name: {"speedup": statistics.median(b / t for b, t in zip(base, ts)), "latency_ms": 1000 * statistics.median(ts),
-                   "images_per_s": batch_size / statistics.median(ts)} for name, ts in times.items()}
+    out = {}
+    for name, ts in times.items():
+        ratios = np.array([b / t for b, t in zip(base, ts)])
+        out[name] = {"speedup": statistics.median(ratios.tolist()), "speedup_q25": float(np.percentile(ratios, 25)),
+                     "speedup_q75": float(np.percentile(ratios, 75)), "latency_ms": 1000 * statistics.median(ts),
+                     "images_per_s": batch_size / statistics.median(ts)}
+    return out
 
 
 def tune_table(result: dict[str, Any]) -> str:
@@ -248,20 +253,21 @@ def tune_table(result: dict[str, Any]) -> str:
         f"Target: {' and '.join(target)}. Accuracy on {result['images']} held-out training images; "
         + (f"speed on this machine ({result['device']}, batch {result['batch_size']}, {result['repeats']} round-robin rounds).\n"
            if timed else "speed not measured (--no-speed).\n"),
-        "| candidate | top-1 % | ECE % | rel. FLOPs | measured speed-up | fraction of ideal | meets target | McNemar p vs baseline |",
+        "| candidate | top-1 % | ECE % | rel. FLOPs | measured speed-up (quartiles over rounds) | fraction of ideal | meets target | McNemar p vs baseline |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = sorted(result["rows"].items(), key=lambda kv: (kv[1]["speedup"] or 0.0, -kv[1]["rel_flops"]))
     for label, r in rows:
         name = f"**{label}** (recommended)" if label == result["recommended"] else label
         p = r["mcnemar_p_vs_baseline"]
-        speedup = "–" if r["speedup"] is None else f"{r['speedup']:.3f}×"
+        speedup = "–" if r["speedup"] is None else f"{r['speedup']:.3f}× ({r['speedup_q25']:.2f}–{r['speedup_q75']:.2f})"
         ideal = "–" if r["fraction_of_ideal"] is None else f"{r['fraction_of_ideal']:.2f}"
         lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['ece']:.2f} | {r['rel_flops']:.3f}× | {speedup} | "
                      f"{ideal} | {'yes' if r['meets'] else 'no'} | {'–' if p is None else f'{p:.3g}'} |")
     if result["skipped"]:
         lines.append("\nNot applicable to this model: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
     lines.append("\nFraction of ideal = measured speed-up × relative FLOPs (1 = the time saved is all the FLOPs saved). "
+                 "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
                  "Held-out accuracy ranks candidates; measure the chosen one on the test split: `vitbudget eval --config config.json`.")
     return "\n".join(lines) + "\n"
 

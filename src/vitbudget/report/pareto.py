@@ -5,7 +5,8 @@ and, when speed was measured, the same against measured speed-up beside the FLOP
 Rows are suite or tuner rows: {"method", "options", "model"?, "rel_flops", "top1_mean", "top1_std"?,
 and a speed column such as "speedup" or "throughput_ratio"}. A family is a method on one
 checkpoint (EViT training-free and EViT fine-tuned are two families); its points are joined in
-order of the x axis and labelled by their setting (ρ 0.7, r 4, α 0.2), the family by the legend.
+order of the x axis and labelled by their setting (ρ 0.7, r 4, α 0.2), the family by the legend;
+a stack (ToMe + ABS) is drawn in its reducer's colour, dashed, with hollow markers.
 """
 from __future__ import annotations
 
@@ -68,8 +69,7 @@ def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key
     for label, row in rows.items():
         if not is_reference(row):
             families.setdefault(family_of(row), []).append(label)
-    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
-    style = {fam: (cmap(i % cmap.N), MARKERS[i % len(MARKERS)]) for i, fam in enumerate(families)}
+    style = family_styles(rows, families, plt)
     pending = {}
     for ax, (key, xlabel, lower_better) in zip(axes, axes_spec):
         plotted = {label: (float(r[key]), float(r["top1_mean"])) for label, r in rows.items() if r.get(key) is not None}
@@ -80,16 +80,17 @@ def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key
                 ax.axvline(x, color="0.35", lw=0.9, ls=":", zorder=1)
                 ax.plot([x], [y], marker="*", ms=12, color="black", zorder=4, label="baseline (reference lines)" if ax is axes[0] else None)
         for fam, labels in families.items():
-            colour, marker = style[fam]
+            colour, marker, dashed = style[fam]
             pts = sorted((plotted[lb] + (lb,) for lb in labels if lb in plotted))
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colour, lw=1.2, alpha=0.8, zorder=2)
+            line = "--" if dashed else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], line, color=colour, lw=1.2, alpha=0.8, zorder=2, gid=fam)
             for x, y, lb in pts:
                 err = rows[lb].get("top1_std") or 0.0
                 ax.errorbar([x], [y], yerr=[err] if err else None, fmt=marker, ms=6, color=colour, capsize=3, zorder=3,
-                            mec="black" if lb == highlight else colour, mew=1.8 if lb == highlight else 0.5)
-            ax.plot([], [], "-" + marker, color=colour, label=fam)  # one legend entry per family
+                            mfc="white" if dashed else colour, mec="black" if lb == highlight else colour, mew=1.8 if lb == highlight else 1.0)
+            ax.plot([], [], line + marker, color=colour, mfc="white" if dashed else colour, label=fam)  # one legend entry per family
         labels = list(plotted)
         front = [labels[i] for i in pareto_front([plotted[lb] for lb in labels], lower_better)]
         if len(front) > 1:
@@ -124,6 +125,24 @@ def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key
     fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // 4), 1, 0.96 if title else 1))
     texts = {ax: place_labels(fig, ax, *pending[ax]) for ax in axes}  # after the layout: placement works in pixels
     return fig, axes, texts
+
+
+def family_styles(rows, families: dict[str, list[str]], plt) -> dict[str, tuple]:
+    """(colour, marker, dashed) per family. A stack REDUCER+abs shares its reducer's colour and marker,
+    dashed with hollow markers, so each pair reads at a glance; every other family has its own colour."""
+    stacks = {}
+    for fam, labels in families.items():
+        method = rows[labels[0]].get("method", "")
+        if "+" in method:
+            part = {**rows[labels[0]], "method": method.split("+")[0], "family": None}
+            if family_of(part) in families:
+                stacks[fam] = family_of(part)
+    own = [fam for fam in families if fam not in stacks]
+    cmap = plt.get_cmap("tab10" if len(own) <= 10 else "tab20")
+    style = {fam: (cmap(i % cmap.N), MARKERS[i % len(MARKERS)], False) for i, fam in enumerate(own)}
+    for fam, reducer in stacks.items():
+        style[fam] = (*style[reducer][:2], True)
+    return style
 
 
 # label offsets in points, nearest first: right, above, left, below, diagonals, then farther out
