@@ -164,7 +164,8 @@ def test_a_killed_tuner_resumes_its_accuracy(tmp_path, capsys, checkpoint, image
 def test_tune_bad_input(tmp_path, capsys, checkpoint, image_folder):
     for extra, message in [([], "give a target"), (["--target-speedup", "-1"], "positive"), (["--target-flops", "0.5", "--checkpoint", "nope.safetensors"], "not found"),
                            (["--target-flops", "0.5", "--methods", "spot"], "cannot be swept"),
-                           (["--target-speedup", "1.2", "--no-speed"], "needs the speed measurement")]:
+                           (["--target-speedup", "1.2", "--no-speed"], "needs the speed measurement"),
+                           (["--target-flops", "0.5", "--stack-alpha", "2"], "--alpha must be in")]:
         code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, *extra)
         lines = captured.err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and message in lines[0], (extra, captured.err)

@@ -69,8 +69,10 @@ def tome_rs(num_patches: int, depth: int) -> list[int]:
 def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool = True, stack_alpha: float = 0.2,
                        checkpoints: Sequence[tuple[str, str]] = ()) -> list[Candidate]:
     """Baseline, each family over its grid (+ ABS), then each (checkpoint, method) given (+ ABS if it reduces tokens)."""
+    from ..methods import make_options
     from ..methods.compose import REDUCERS
 
+    make_options("abs", {"alpha": stack_alpha})  # a bad --stack-alpha is an error, not a family that does not apply
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ConfigError(f"--methods: {', '.join(unknown)} cannot be swept (training-free families: {', '.join(FAMILIES)})")
