@@ -20,9 +20,11 @@ the entropy head is regenerated from `seed`, so it is a non-persistent buffer.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -108,11 +110,15 @@ class ABS(Method):
             self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound, persistent=False)
 
     def forward(self, images: Tensor) -> RunOutput:
-        if self.k == 0 or self.options.score != "random":
+        with self.per_image_draw(images):
             return super().forward(images)
-        self._drawn = self.random_scores(images)  # read by `begin`, for this run only
+
+    @contextlib.contextmanager
+    def per_image_draw(self, images: Tensor) -> Iterator[None]:
+        """Random scorer: this batch's per-image draw, read by `begin` (and a stack), for one run only."""
+        self._drawn = self.random_scores(images) if self.k > 0 and self.options.score == "random" else None
         try:
-            return super().forward(images)
+            yield
         finally:
             self._drawn = None
 

@@ -261,6 +261,7 @@ class AViT(Method):
             with torch.no_grad():
                 self.halt_counts += distributed.global_sum(torch.stack(halted_per_block).to(self.halt_counts))  # all ranks' tokens
         record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
+        record.aux["avit_last"] = (state.replace(x=out, key_mask=needed), None)  # what the last block ran (stacks)
         return self._finish(acc, record)
 
     @staticmethod
@@ -309,6 +310,7 @@ class AViT(Method):
             out = state.x
             cls = out[:, 0]
             if i == depth - 1:  # everything halts; CLS contributes its remainder
+                record.aux["avit_last"] = (state, active)  # what the last block ran, for stacks (methods.compose)
                 acc.addcmul_(cls, R[:, None])
                 output = acc if active is None else output.index_copy(0, active, acc)
                 break
@@ -368,6 +370,7 @@ class AViT(Method):
             state = run_block(block, i, state, NO_HOOKS, record)
             cls = state.x[0, 0]
             if i == depth - 1:
+                record.aux["avit_last"] = (state, None)
                 acc.add_(cls, alpha=float(R))
                 break
             z = state.x[0, :, 0].numpy() * np.float32(gamma) - np.float32(beta)
