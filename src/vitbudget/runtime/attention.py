@@ -70,12 +70,14 @@ def multihead_attention(
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if full_bias is not None:
             logits = logits.masked_fill(~full_bias, float("-inf")) if full_bias.dtype == torch.bool else logits + full_bias
+        # probabilities in float32 whatever the compute dtype: under bf16 / fp16 autocast the
+        # masked softmax's eps terms (1e-6 / N) and small attention weights would underflow
         if policy is None:
-            probs = logits.softmax(dim=-1)
+            probs = logits.float().softmax(dim=-1)
         else:
-            probs = _policy_softmax(logits, policy)
+            probs = _policy_softmax(logits.float(), policy)
         info.probs = probs
-        out = attn.attn_drop(probs) @ v
+        out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
         dropout_p = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias, dropout_p=dropout_p)
