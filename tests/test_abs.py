@@ -109,11 +109,13 @@ def test_refinement_changes_only_the_selected_tokens_and_cls(model, images):
     assert changed[:, 0].all() and torch.equal(changed[:, 1:], selected)
 
 
-def test_random_scorer_is_seeded_and_shared_across_images(model, images):
-    pick = lambda seed: forward(build_method("abs", model, score="random", seed=seed), images).record.aux["abs_selected"]
+def test_random_scorer_draws_per_image_seeded_and_batch_independent(model, images):
+    pick = lambda seed, x=images: forward(build_method("abs", model, score="random", seed=seed), x).record.aux["abs_selected"]
     a = pick(0)
     assert torch.equal(a, pick(0)) and not torch.equal(a, pick(1))
-    assert (a == a[0]).all()  # one draw per seed: independent of the batch
+    assert len({tuple(row.tolist()) for row in a}) == 4  # each image its own draw (the paper's per-image Random)
+    assert torch.equal(pick(0, images.flip(0)), a.flip(0))  # an image's draw does not depend on its batch position
+    assert torch.equal(pick(0, torch.cat([images[2:3], images[2:3]])), a[2:3].expand(2, -1))  # nor on its batch-mates
 
 
 def test_entropy_head_is_seeded_and_never_trained(model, images):

@@ -65,8 +65,10 @@ def test_evit_selection_matches_direct_cls_attention(model):
     assert torch.equal(kept, expected)
 
 
-def test_evit_fused_token_is_the_attention_weighted_average(model):
-    method = build_method("evit", model, rho=0.5, stages="0", fuse=True).eval()
+@pytest.mark.parametrize("normalize", [False, True])
+def test_evit_fused_token_is_the_attention_weighted_sum(model, normalize):
+    """The reference sums the dropped tokens weighted by CLS attention; fuse_normalize divides by the weights' sum."""
+    method = build_method("evit", model, rho=0.5, stages="0", fuse=True, fuse_normalize=normalize).eval()
     seen = {}
     orig = method.after_attention
 
@@ -84,7 +86,8 @@ def test_evit_fused_token_is_the_attention_weighted_average(model):
     kept = after.patch_ids[:, 1:-1]
     for b in range(4):
         dropped = torch.tensor([i for i in range(16) if i not in kept[b].tolist()])
-        w = cls[b, dropped] / cls[b, dropped].sum()
+        w = cls[b, dropped] / (cls[b, dropped].sum() if normalize else 1.0)
+        assert not normalize or float(cls[b, dropped].sum()) < 0.9  # the two differ
         assert torch.allclose(after.x[b, -1], (before.x[b, 1 + dropped] * w[:, None]).sum(0), atol=1e-6)
     assert (after.patch_ids[:, -1] == -1).all()
 
@@ -108,7 +111,7 @@ def test_tome_token_counts_sizes_and_flops():
     assert out.state.size[:, 1:].sum(1).tolist() == [16.0, 16.0]  # every patch is somewhere
     ours = macs_per_image(cfg, out.record)
     assert counted == pytest.approx(2 * float(ours.sum()), rel=1e-9)  # blocks + matching matmul
-    assert float(out.record.extra_macs[0]) == 16 * (8 * 8 + 6 * 6 + 4 * 4)  # Na*Nb*head_dim per block
+    assert float(out.record.extra_macs[0]) == 16 * (9 * 8 + 7 * 6 + 5 * 4)  # Na*Nb*head_dim per block, sets over all 17, 13, 9 tokens
 
 
 def test_bipartite_merge_conserves_mass_and_keeps_prefix():
@@ -116,7 +119,7 @@ def test_bipartite_merge_conserves_mass_and_keeps_prefix():
     state = TokenState.initial(torch.randn(3, 11, 5, generator=g), num_prefix=1)
     state = state.replace(size=torch.rand(3, 11, generator=g) + 0.5)
     new, macs = bipartite_merge(state, torch.randn(3, 11, 4, generator=g), r=3)
-    assert new.width == 8 and macs == 5 * 5 * 4
+    assert new.width == 8 and macs == 6 * 5 * 4  # A: 6 even positions of 11, B: 5 odd ones
     assert torch.allclose((new.x * new.size[..., None]).sum(1), (state.x * state.size[..., None]).sum(1), atol=1e-5)
     assert torch.equal(new.x[:, 0], state.x[:, 0]) and (new.patch_ids[:, 0] == -1).all()
     assert torch.allclose(new.size.sum(1), state.size.sum(1))
@@ -124,11 +127,13 @@ def test_bipartite_merge_conserves_mass_and_keeps_prefix():
 
 def test_tome_merges_duplicate_tokens_first():
     x = torch.randn(1, 9, 4)
-    x[0, 2] = x[0, 1]  # patch 0 (set A) duplicates patch 1 (set B)
+    x[0, 2] = x[0, 1]  # patch 1 (position 2: set A) duplicates patch 0 (position 1: set B)
     state = TokenState.initial(x, num_prefix=1)
     metric = x.clone()
     new, _ = bipartite_merge(state, metric, r=1)
-    assert 0 not in new.patch_ids[0].tolist() and new.size[0, new.patch_ids[0].tolist().index(1)] == 2
+    assert 1 not in new.patch_ids[0].tolist() and new.size[0, new.patch_ids[0].tolist().index(0)] == 2
+    # order: CLS, unmerged A (patches 3, 5, 7 at positions 4, 6, 8), B (patches 0, 2, 4, 6)
+    assert new.patch_ids[0].tolist() == [-1, 3, 5, 7, 0, 2, 4, 6]
 
 
 @pytest.mark.parametrize("name,opts,match", [

@@ -155,3 +155,51 @@ def test_token_sizes_add_proportional_attention(tiny_model, sizes):
 
     with torch.no_grad():
         assert torch.allclose(run(tiny_model, x, Sized()).logits, tiny_model(x), atol=1e-6)
+
+
+class EmptyRow(NeedsProbs):
+    """Before block 1, image 1 keeps nothing (and image 0 only its first patches): explicit softmax after."""
+
+    def before_block(self, index, state, record):
+        if index != 1:
+            return state
+        keep = torch.zeros(state.x.shape[:2], dtype=torch.bool)
+        keep[0, 2:9] = True
+        return state.compact(keep)
+
+
+def test_compact_never_leaves_an_image_without_a_key(tiny_model):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = run(tiny_model, x, EmptyRow())
+    assert torch.isfinite(out.logits).all()
+    assert out.record.attn_tokens[1].tolist() == [7, 1, 1]  # empty images keep their first real token (CLS)
+    state = TokenState.initial(torch.randn(2, 5, 3), num_prefix=1)
+    padded = state.compact(torch.tensor([[False, True, False, True, True], [False, False, True, False, True]]))
+    again = padded.compact(torch.zeros(2, 3, dtype=torch.bool))  # with a key mask: the first real token stays
+    assert again.patch_ids.tolist() == [[0], [1]] and again.key_mask is None
+    single = state.compact(torch.zeros(2, 5, dtype=torch.bool)[:1])
+    assert single.width == 1 and single.patch_ids.tolist() == [[-1]]
+
+
+def test_drop_path_on_packed_tokens_drops_whole_images(monkeypatch):
+    """Training with stochastic depth: packed rows get the padded path's per-image draws, same seed."""
+    import vitbudget.runtime.runner as runner
+    from conftest import make_model
+
+    model = make_model(TINY.replace(drop_path_rate=0.5)).train()
+    x = torch.randn(6, 3, 32, 32)
+    keep = random_keep(6, 17, seed=4)
+
+    def forward(seed):
+        torch.manual_seed(seed)
+        return run(model, x, DropPerImage(1, keep, "remove"))
+
+    with torch.no_grad():
+        packed = forward(0)
+        assert packed.record.attn_width[1] < packed.record.core_width[1]  # block 1 ran packed
+        monkeypatch.setattr(runner, "PACK_MIN_PADDING", 1.1)  # never pack
+        padded = forward(0)
+        other = forward(1)
+    assert torch.allclose(packed.logits, padded.logits, atol=1e-5)
+    assert not torch.allclose(padded.logits, other.logits, atol=1e-3)  # the draws matter

@@ -10,9 +10,10 @@ import numpy as np
 from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..io import OutputDir, write_json, write_text
-from ..methods import METHODS, build_method, load_method
-from .options import (add_checkpoint_flags, add_class_mismatch_flag, add_method_option_flags, check_unused_options, device_arg,
-                      label_source, method_options, open_dataset, positive_int, resolve_default, workers_count)
+from ..methods import build_method, load_method
+from .options import (add_checkpoint_flags, add_class_mismatch_flag, add_config_flag, add_method_option_flags, apply_run_config,
+                      check_unused_options, device_arg, label_source, method_help, method_name, method_options, open_dataset,
+                      positive_int, resolve_default, workers_count)
 
 EPILOG = """examples:
   vitbudget eval                                  # reference model on the full CIFAR-10 test set
@@ -21,6 +22,7 @@ EPILOG = """examples:
   vitbudget eval --model deit_t.pth --arch deit_tiny_patch16_224 --data imagenet.tar --split val
   torchrun --standalone --nproc_per_node 4 -m vitbudget eval --method evit --device cuda --out runs/evit
       (whole batches dealt to 4 processes and gathered: the same results as one process; speed timed on rank 0)
+  vitbudget eval --config runs/tune/config.json --data imgs/    # the setting `vitbudget tune` chose, on the test split
 
 Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
 and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each
@@ -41,13 +43,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size (default 256)")
     ev.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
     ev.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    ev.add_argument("--method", action="append", default=None, choices=sorted(METHODS), help="method to evaluate; repeat for several (the baseline is always included)")
+    ev.add_argument("--method", action="append", default=None, type=method_name, metavar="NAME",
+                    help=method_help("method to evaluate; repeat for several (the baseline is always included)"))
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     ev.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     ev.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_class_mismatch_flag(ev)
+    add_config_flag(ev)
     add_method_option_flags(ev)
     return ev
 
@@ -66,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..models import load_model
     from ..report import results_table
 
+    apply_run_config(args, method_list=True)
     out = OutputDir(args.out, OUTPUT_FILES)  # checked now, written only when everything succeeded
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     data_path = resolve_default(args.data, DEFAULT_DATA, "data")

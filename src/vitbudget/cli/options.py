@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..data.loader import MAX_WORKERS
 from ..defaults import DEFAULT_MODEL, default_path
 from ..errors import ConfigError
-from ..methods import METHODS
+from ..methods import METHODS, get_spec
 
 
 def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -60,7 +60,7 @@ def resolve_default(value: str | None, relative: str, what: str) -> str:
 
 
 def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    fields = {f.name for f in dataclasses.fields(METHODS[method].options)}
+    fields = {f.name for f in dataclasses.fields(get_spec(method).options)}
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None and k[4:] in fields}
 
 
@@ -149,6 +149,49 @@ def label_source(dataset) -> str:
 def check_unused_options(args: argparse.Namespace, names: list[str]) -> None:
     """A method-option flag that none of the chosen methods has is a mistake, not a silent no-op."""
     given = {k[4:] for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    unused = given - {f.name for n in names for f in dataclasses.fields(METHODS[n].options)}
+    unused = given - {f.name for n in names for f in dataclasses.fields(get_spec(n).options)}
     if unused:
         raise ConfigError(f"option(s) {', '.join('--' + u.replace('_', '-') for u in sorted(unused))} apply to none of the methods {names}")
+
+
+def method_name(text: str) -> str:
+    """argparse type of --method: a registered method, or a stack REDUCER+abs (e.g. tome+abs)."""
+    try:
+        get_spec(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} ({exc})") from None
+    return text
+
+
+def method_help(what: str) -> str:
+    return f"{what}: one of {', '.join(sorted(METHODS))}, or a stack REDUCER+abs (e.g. tome+abs, evit+abs)"
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="run config written by `vitbudget tune` (method, options, model); flags given on the command line win")
+
+
+def apply_run_config(args: argparse.Namespace, *, method_list: bool = False):
+    """Fill what the command line left unset from `--config FILE`; returns the RunConfig (or None).
+
+    --model (with --arch, --num-classes) comes from the file unless given. --method and its options
+    come from the file unless --method is given (an explicit method replaces the file's, and the
+    file's options with it); an option flag given on the command line overrides the file's value.
+    """
+    from ..runconfig import read_run_config
+
+    if getattr(args, "config", None) is None:
+        return None
+    config = read_run_config(args.config)
+    if getattr(args, "model", None) is None and config.model is not None:
+        args.model = config.model
+        for name in ("arch", "num_classes"):
+            if hasattr(args, name) and getattr(args, name) is None:
+                setattr(args, name, getattr(config, name))
+    if hasattr(args, "method") and args.method is None:
+        args.method = [config.method] if method_list else config.method
+        for name, value in config.options.items():
+            if getattr(args, f"opt_{name}", None) is None:
+                setattr(args, f"opt_{name}", value)
+    return config

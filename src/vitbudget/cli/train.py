@@ -9,8 +9,7 @@ import sys
 from .. import distributed
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from ..methods import METHODS
-from .options import (add_method_option_flags, device_arg, method_options, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from .options import (add_method_option_flags, device_arg, method_help, method_name, method_options, nonnegative_float, nonnegative_int, positive_float, positive_int,
                       resolve_default, workers_count)
 
 EPILOG = """examples:
@@ -58,7 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=positive_int, default=None, help="checkpoint every N steps")
     tr.add_argument("--freeze", action="append", default=None, help="freeze parameters whose name contains this (repeatable)")
     tr.add_argument("--lr-scale", action="append", default=None, metavar="PATTERN=SCALE", help="learning-rate multiplier for parameters whose name contains PATTERN (repeatable)")
-    tr.add_argument("--method", default=None, choices=sorted(METHODS), help="train this method around the ViT (default: the recipe's)")
+    tr.add_argument("--method", default=None, type=method_name, metavar="NAME",
+                    help=method_help("train this method around the ViT (default: the recipe's); a stack trains its reducer"))
     tr.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
     tr.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -8,8 +8,8 @@ import torch
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import OutputDir
-from ..methods import METHODS, load_method
-from .options import add_class_mismatch_flag, add_method_option_flags, method_options, open_dataset, positive_int, resolve_default
+from ..methods import load_method
+from .options import add_class_mismatch_flag, add_method_option_flags, method_help, method_name, method_options, open_dataset, positive_int, resolve_default
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Run a method on a few images and draw its token map (selected / halted / dropped tokens).",
                         epilog="example:\n  vitbudget viz --method abs --alpha 0.2 --num-images 8 --out runs/viz",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    vz.add_argument("--method", required=True, choices=sorted(METHODS), help="method whose choices to draw")
+    vz.add_argument("--method", required=True, type=method_name, metavar="NAME", help=method_help("method whose choices to draw"))
     vz.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
     vz.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
     vz.add_argument("--split", default="test", help="split folder (default: test)")

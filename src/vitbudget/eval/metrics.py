@@ -50,6 +50,46 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float]:
     return {"only_a": only_a, "only_b": only_b, "p_value": p}
 
 
+def _binned_ece(conf: np.ndarray, correct: np.ndarray, index: np.ndarray, bins: int, weights: np.ndarray) -> np.ndarray:
+    """ECE of several resamples at once: weights (S, N) counts of each image in each resample."""
+    total = weights.sum(axis=1)
+    out = np.zeros(weights.shape[0])
+    for b in range(bins):
+        sel = index == b
+        if not sel.any():
+            continue
+        w = weights[:, sel]
+        n = w.sum(axis=1)
+        gap = np.abs(w @ conf[sel] - w @ correct[sel])  # |sum conf - sum correct| = n * |mean conf - accuracy|
+        out += np.where(n > 0, gap, 0.0) / total
+    return out
+
+
+def ece_difference(logits_a: Tensor, logits_b: Tensor, labels: Tensor, samples: int = 2000, bins: int = 15, seed: int = 0) -> dict[str, float]:
+    """ECE(a) - ECE(b) in points, with a paired bootstrap over images (the same resample for both).
+
+    Returns the difference, its 95 % interval and a two-sided bootstrap p-value (twice the smaller
+    share of resampled differences on either side of zero).
+    """
+    edges = np.linspace(0, 1, bins + 1)
+    parts = []
+    for logits in (logits_a, logits_b):
+        probs = logits.double().softmax(dim=1)
+        conf, pred = probs.max(dim=1)
+        conf = conf.numpy()
+        parts.append((conf, (pred == labels).double().numpy(), np.searchsorted(edges[1:-1], conf, side="left")))
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for start in range(0, samples, 100):  # resamples in chunks: a (S, N) weight matrix per chunk
+        weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(min(100, samples - start))]).astype(float)
+        deltas.append(100 * (_binned_ece(*parts[0], bins, weights) - _binned_ece(*parts[1], bins, weights)))
+    deltas = np.concatenate(deltas)
+    full = 100 * (ece(logits_a, labels, bins) - ece(logits_b, labels, bins))
+    p = min(1.0, 2 * min((deltas <= 0).mean(), (deltas >= 0).mean()))
+    return {"delta": full, "ci_low": float(np.percentile(deltas, 2.5)), "ci_high": float(np.percentile(deltas, 97.5)), "p_value": float(p)}
+
+
 def mean_std(values) -> tuple[float, float]:
     arr = np.asarray(values, float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -64,4 +104,4 @@ def summarize(logits: Tensor, labels: Tensor) -> dict[str, float]:
     return {"top1": 100 * top1(logits, labels), "ece": 100 * ece(logits, labels), "nll": nll(logits, labels)}
 
 
-__all__ = ["cosine_similarity", "ece", "mcnemar", "mean_std", "nll", "paired_ttest", "summarize", "top1"]
+__all__ = ["cosine_similarity", "ece", "ece_difference", "mcnemar", "mean_std", "nll", "paired_ttest", "summarize", "top1"]

@@ -36,6 +36,7 @@ class SuiteEntry:
     options: dict[str, Any] = field(default_factory=dict)
     seeded: bool = False  # the method has a `seed` option that changes its result
     model: str | None = None  # checkpoint of this entry; None = the suite's --model
+    versus: tuple[str, ...] = ()  # labels of other entries to pair this one against (besides the first entry)
 
 
 BASELINE = SuiteEntry("Baseline", "baseline")
@@ -107,7 +108,7 @@ def load_suite(name_or_path: str, check_files: bool = True) -> list[SuiteEntry]:
         unknown = sorted(set(item) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        entry = SuiteEntry(**item)
+        entry = SuiteEntry(**{**item, "versus": tuple(item.get("versus", ()))})
         types = {"label": str, "method": str, "options": dict, "seeded": bool, "model": (str, type(None))}
         wrong = [k for k, kind in types.items() if not isinstance(getattr(entry, k), kind)]
         if wrong:
@@ -119,6 +120,9 @@ def load_suite(name_or_path: str, check_files: bool = True) -> list[SuiteEntry]:
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"suite file {str(path)!r}: labels must be unique, got {labels}")
+    unknown = sorted({v for e in entries for v in e.versus} - set(labels))
+    if unknown:
+        raise ConfigError(f"suite file {str(path)!r}: \"versus\" names labels that are not entries: {', '.join(map(repr, unknown))}")
     return entries
 
 
@@ -152,6 +156,8 @@ def run_suite(
     device = resolve_device(device)
     rows: dict[str, dict[str, Any]] = {}
     correct: dict[str, list[np.ndarray]] = {}
+    first_logits: dict[str, Any] = {}  # seed 0's logits, for paired calibration tests
+    labels = None
     speed_methods = {}
     reference_features = None
     for entry in entries:
@@ -166,6 +172,8 @@ def run_suite(
                 summary["cosine"] = float(metrics.cosine_similarity(pred.logits, reference_features).mean())
             per_seed.append({"seed": seed if entry.seeded else None, **summary})
             correct.setdefault(entry.label, []).append((pred.logits.argmax(1) == pred.labels).numpy())
+            if entry.label not in first_logits:
+                first_logits[entry.label], labels = pred.logits, pred.labels
             if entry.label not in speed_methods:
                 speed_methods[entry.label] = method
         rows[entry.label] = aggregate(entry, per_seed)
@@ -179,6 +187,10 @@ def run_suite(
         row["p_ttest_seeds"] = metrics.paired_ttest(np.array(top1), base) if len(top1) > 1 else None
         row["mcnemar_seed0"] = metrics.mcnemar(correct[label][0], correct[reference][0])
         row["top1_gain"] = row["top1_mean"] - rows[reference]["top1_mean"]
+    for entry in entries:
+        if entry.versus and reference_features is None:  # features have no labels to pair on
+            rows[entry.label]["versus"] = {other: paired(rows[entry.label], rows[other], correct[entry.label][0], correct[other][0],
+                                                          first_logits[entry.label], first_logits[other], labels) for other in entry.versus}
     if speed and distributed.context().main:
         for label, entry in measure_speed(speed_methods, dataset, indices, device, latency_repeats=latency_repeats,
                                           throughput_repeats=throughput_repeats, baseline=reference).items():
@@ -192,8 +204,39 @@ def run_suite(
     return {"seeds": list(seeds), "images": len(indices), "rows": rows}
 
 
+def paired(row: dict[str, Any], other: dict[str, Any], correct, correct_other, logits, logits_other, labels) -> dict[str, Any]:
+    """One entry against another on the same images: top-1 and ECE differences with paired tests."""
+    out: dict[str, Any] = {}
+    for key in ("top1", "ece"):
+        mine, theirs = [r[key] for r in row["per_seed"]], [r[key] for r in other["per_seed"]]
+        n = max(len(mine), len(theirs))
+        out[f"{key}_gain"] = row[f"{key}_mean"] - other[f"{key}_mean"]
+        out[f"p_ttest_{key}"] = metrics.paired_ttest(np.resize(mine, n), np.resize(theirs, n)) if n > 1 else None
+    out["mcnemar_seed0"] = metrics.mcnemar(correct, correct_other)
+    out["ece_bootstrap_seed0"] = metrics.ece_difference(logits, logits_other, labels)
+    return out
+
+
+def paired_table(result: dict[str, Any]) -> str:
+    """Markdown: each entry against the entries it names in "versus" (empty when none do)."""
+    lines = []
+    for label, r in result["rows"].items():
+        for other, v in r.get("versus", {}).items():
+            boot = v["ece_bootstrap_seed0"]
+            lines.append(
+                f"| {label} | {other} | {v['top1_gain']:+.2f} | {_p(v['p_ttest_top1'])} | {_p(v['mcnemar_seed0']['p_value'])} | "
+                f"{v['ece_gain']:+.2f} | {_p(v['p_ttest_ece'])} | {boot['delta']:+.2f} [{boot['ci_low']:+.2f}, {boot['ci_high']:+.2f}], p {_p(boot['p_value'])} |"
+            )
+    if not lines:
+        return ""
+    header = ["| method | versus | Δ top-1 (points) | p (t-test over seeds) | p (McNemar, seed 0) | Δ ECE (points) | p (ECE t-test over seeds) | "
+              "Δ ECE seed 0 [95 % bootstrap interval], p |", "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n"
+
+
 def aggregate(entry: SuiteEntry, per_seed: list[dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"method": entry.method, "options": entry.options, "seeded": entry.seeded, "per_seed": per_seed}
+    out["model"] = entry.model
     for key in ("top1", "ece", "nll", "cosine"):
         if key in per_seed[0]:
             out[f"{key}_mean"], out[f"{key}_std"] = metrics.mean_std([r[key] for r in per_seed])

@@ -12,9 +12,11 @@ from .evit import EViT, EViTOptions
 from .tome import ToMe, ToMeOptions
 from .dynamicvit import DynamicViT, DynamicViTOptions
 from .spot import SPOT, SPOTHeuristic, SPOTOptions
+from .compose import Stack, compose
 
 __all__ = [
     "ABS", "ABSOptions", "AViT", "AViTOptions", "Baseline", "DynamicViT", "DynamicViTOptions", "EViT", "EViTOptions", "METHODS",
     "Method", "MultiCrop", "Resolution", "SPOT", "SPOTHeuristic", "SPOTOptions", "ToMe", "ToMeOptions", "UniformDepth",
     "build_method", "get_spec", "load_method", "make_options", "register", "save_method",
 ]
+__all__ += ["Stack", "compose"]

@@ -1,7 +1,8 @@
 """ABS, Attention Budget Scheduling: one extra block refines only the top-k patch tokens.
 
 After the model's last block, patch tokens are scored (entropy of a random shallow head on the
-penultimate block, last-block CLS-attention variance across heads, feature norm, or random),
+penultimate block, last-block CLS-attention variance across heads, feature norm, or random: a
+per-image random choice, see `ABS.random_scores`),
 the prefix tokens plus the k = round(alpha * N) best patches go through one extra transformer
 block initialised as a copy of the last block, and the refined tokens are scattered back into
 their positions before the final norm and head. Post-hoc: nothing is trained.
@@ -19,15 +20,17 @@ the entropy head is regenerated from `seed`, so it is a non-persistent buffer.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..runtime.cost import block_macs
 from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo, multihead_attention
@@ -37,6 +40,7 @@ from .base import Method
 from .registry import register
 
 SCORES = ("entropy", "attnvar", "gradsim", "random")
+HASH_MODULUS = 2**31 - 1  # a prime: key * a_j < 2^62 stays exact in int64
 
 
 def round_half_up(x: float) -> int:
@@ -90,9 +94,11 @@ class ABS(Method):
         self.head_classes = cfg.num_classes or cfg.embed_dim  # a headless backbone: embed_dim random outputs
         if options.score == "entropy":
             self._init_entropy_head(cfg.embed_dim, self.hidden, self.head_classes, options.seed)
-        if options.score == "random":  # drawn once: an exported program must not carry (and advance) a generator
+        if options.score == "random":  # the hash's constants, from `seed` (see `random_scores`)
             g = torch.Generator().manual_seed(options.seed)
-            self.register_buffer("random_scores", torch.rand(cfg.num_patches, generator=g), persistent=False)
+            pixels = cfg.in_chans * cfg.img_size * cfg.img_size
+            self.register_buffer("pixel_weights", torch.randint(1, 2**20, (pixels,), generator=g), persistent=False)
+            self.register_buffer("position_hash", torch.randint(1, HASH_MODULUS, (2, cfg.num_patches), generator=g), persistent=False)
 
     def _init_entropy_head(self, dim: int, hidden: int, classes: int, seed: int) -> None:
         """nn.Linear's default init from a local generator: buffers (never trained, moved by .to()),
@@ -102,6 +108,41 @@ class ABS(Method):
             bound = 1.0 / math.sqrt(fan_in)
             self.register_buffer(f"head_w{name}", (torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound, persistent=False)
             self.register_buffer(f"head_b{name}", (torch.rand(fan_out, generator=g) * 2 - 1) * bound, persistent=False)
+
+    def forward(self, images: Tensor) -> RunOutput:
+        with self.per_image_draw(images):
+            return super().forward(images)
+
+    @contextlib.contextmanager
+    def per_image_draw(self, images: Tensor) -> Iterator[None]:
+        """Random scorer: this batch's per-image draw, read by `begin` (and a stack), for one run only."""
+        self._drawn = self.random_scores(images) if self.k > 0 and self.options.score == "random" else None
+        try:
+            yield
+        finally:
+            self._drawn = None
+
+    def begin(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> TokenState:
+        drawn = getattr(self, "_drawn", None)
+        return state if drawn is None else state.replace(extras={**state.extras, "abs_score": drawn})
+
+    def random_scores(self, images: Tensor) -> Tensor:
+        """(B, N) uniform-looking scores in [0, 1), drawn per image: the paper's Random row is a per-image choice.
+
+        A seeded hash of the image, in integer tensor ops so exported and compiled programs keep
+        it: pixels quantised to 1/1024, an exact int64 weighted sum into a key (mod a prime), then
+        per position ((key * a_j + b_j) mod p) / p with random a_j, b_j. Exact integer sums do
+        not depend on reduction order, so a draw depends on the image and `seed` only: not on
+        the batch an image is in nor on its position (batched equals one-by-one); different
+        images and seeds draw different positions. Byte-identical images draw the same ones.
+        """
+        b = images.shape[0]
+        q = torch.round(images.detach().float().reshape(b, -1).clamp(-1e6, 1e6) * 1024).long()
+        if q.shape[1] != self.pixel_weights.numel():
+            raise InputError(f"abs --score random: images of {q.shape[1]} values, the model takes {self.pixel_weights.numel()}")
+        key = torch.remainder((q * self.pixel_weights).sum(dim=1, keepdim=True), HASH_MODULUS)  # |q*w| < 2^51: exact
+        a, c = self.position_hash
+        return torch.remainder(key * a + c, HASH_MODULUS).double().div(HASH_MODULUS).float()
 
     # -- scoring, stashed in state.extras so it travels with the tokens --
     def needs_probs(self, index: int) -> bool:
@@ -127,9 +168,7 @@ class ABS(Method):
             return state.extras["abs_score"]
         if kind == "gradsim":
             return state.x[:, p:].float().norm(dim=-1)
-        # random: one draw from `seed`, shared by every image, so a result does not depend on
-        # batch composition; another seed draws another set of patch positions
-        return self.random_scores[: state.width - p].expand(state.batch_size, -1)
+        return state.extras["abs_score"]  # random: drawn per image before the run (`forward`)
 
     def scorer_macs(self, n: int) -> float:
         """Per-image overhead. attnvar: 0, the probabilities are the attention the block computes anyway."""

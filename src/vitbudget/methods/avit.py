@@ -17,7 +17,8 @@ Two executions of the same function:
   weight, i.e. halted tokens would still leak ~1e-6 of their values, while halting is a hard,
   non-differentiable decision anyway (as in the official code), so the policy's gradient path
   buys nothing here. Gradients flow through h (the CLS weights, R, rho and q) as in the paper.
-  This is what the official code runs, training and inference: no compute is saved.
+  This is what the official code runs, training and inference (it zeroes halted tokens where
+  we freeze them; the outputs are the same): no compute is saved.
 * removing (inference, the default in eval mode): after each block, halted tokens are removed
   with `TokenState.compact` (per image, padded to the batch maximum with a key mask). Only the
   CLS output is read, so a halted patch token's only influence on the output is through the keys
@@ -35,12 +36,33 @@ show that it ran all N tokens. `halting_depth(record)` gives, per original token
 the number of blocks it executed (built on demand: the removing path only keeps what each block
 ran); `token_map` draws it per patch.
 
-Differences from the official code, on purpose: halted tokens contribute exactly nothing (the
-official zeroes them, and LayerNorm then emits its bias: issue #13); the halting distribution q
-averages over tokens (the official `h[1:]` slices the batch); no device is hard-wired; the prior
-is a Gaussian over 1-based block numbers (halting at block l = l blocks executed) normalised to
-sum 1 (the official centres on the 0-based index, i.e. one block deeper, and rescales it so its
-first target_depth entries sum to 0.98); the KL is the plain sum over blocks.
+The prior loss reads q, the per-block halting distribution. `q_mode` chooses its definition:
+
+* 'reference' (default), `NVlabs/A-ViT`'s: q_l is the mean halting score of block l over all
+  tokens, halted ones included. The official forward zeroes a halted token's input and both
+  norm outputs and masks it as an attention key (a -1000 logit bias), so a halted token queries
+  with qkv's bias alone over the running tokens, and its MLP sees zeros; its score is read off
+  that output (`AViT.halted_output`: one vector per image, what every halted token of the
+  image computes). Stochastic depth is not applied to that output, which only q reads.
+* 'halted-zero': a halted token counts 0, so q_l is the running tokens' score mass per token;
+  about the same where the official halted scores are ~sigmoid(-beta), not the reference.
+
+Halted tokens leak nothing into the output in either execution, nor in the official code:
+there, the -1000 key bias gives them exactly zero attention weight in float32, and their own
+outputs are zeroed before the halting-weighted sum. Only q reads them.
+
+`prior` chooses the Gaussian prior on halting depth the KL pulls q towards:
+
+* 'normalized' (default; not the reference): a Gaussian over 1-based block numbers (halting at
+  block l = l blocks executed) centred on target_depth, normalised to sum 1; the KL is the plain
+  sum over blocks. The `avit_cifar10` recipe's distr_weight is calibrated for this form.
+* 'reference', the official `get_distribution_target`: the Gaussian density at the 0-based
+  block index (i.e. one block deeper for the same target_depth), rescaled so that its first
+  int(target_depth) entries sum to 0.98 (so the whole does not sum to 1), and the KL of
+  `nn.KLDivLoss(reduction='batchmean')` on a 1-D input: the sum over blocks divided by depth.
+
+Also on purpose: q averages over the whole batch (the official `h[1:]` slices off the first
+image, and is empty at batch 1); no device is hard-wired.
 
 A-ViT has no learned parameters of its own, yet it needs a backbone fine-tuned for halting
 (channel 0 must learn to carry the halting signal). It keeps one buffer, `halt_counts` (how many
@@ -60,11 +82,16 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..errors import ConfigError
+from ..runtime.attention import multihead_attention
 from ..runtime.token_map import TokenMap
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
 from ..runtime.state import TokenState
 from .base import Method
 from .registry import register
+
+
+Q_MODES = ("reference", "halted-zero")
+PRIORS = ("normalized", "reference")
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,8 @@ class AViTOptions:
     halting: bool = field(default=True, metadata={"help": "avit: false runs the plain backbone (exactly the baseline's logits)"})
     dense: bool = field(default=False, metadata={"help": "avit: run inference dense + masked like the official code (same outputs, no speed-up)"})
     pack: bool = field(default=True, metadata={"help": "avit: run padded batches packed (per-token layers on real tokens only); false pads only, for comparison"})
+    q_mode: str = field(default="reference", metadata={"help": "avit: halting distribution q of the prior loss: 'reference' (mean score over all tokens, halted ones scored as the official forward scores them) or 'halted-zero' (halted tokens count 0)"})
+    prior: str = field(default="normalized", metadata={"help": "avit: depth prior: 'normalized' (Gaussian over 1-based blocks, sums to 1, KL summed) or 'reference' (the official target: 0-based, first target-depth entries sum to 0.98, KL averaged over blocks)"})
 
     def __post_init__(self) -> None:
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
@@ -93,12 +122,26 @@ class AViTOptions:
             raise ConfigError(f"--ponder-weight and --distr-weight must be >= 0, got {self.ponder_weight}, {self.distr_weight}")
         if not (self.prior_std > 0 and math.isfinite(self.prior_std)):
             raise ConfigError(f"--prior-std must be a finite number > 0, got {self.prior_std}")
+        if self.q_mode not in Q_MODES:
+            raise ConfigError(f"--q-mode must be one of {', '.join(Q_MODES)}, got {self.q_mode!r}")
+        if self.prior not in PRIORS:
+            raise ConfigError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
 
 
-def log_prior(depth: int, target: float, std: float) -> Tensor:
-    """log of the Gaussian over block numbers 1..depth with mean `target`, normalised to sum 1."""
-    blocks = torch.arange(1, depth + 1, dtype=torch.float64)
-    return (-0.5 * ((blocks - target) / std) ** 2).log_softmax(0).float()
+def log_prior(depth: int, target: float, std: float, kind: str = "normalized") -> Tensor:
+    """log of the depth prior (see the module docstring, `prior`).
+
+    normalized: the Gaussian over block numbers 1..depth with mean `target`, normalised to sum 1.
+    reference: the Gaussian density at block indices 0..depth-1 with mean `target`, rescaled so
+    that its first int(target) entries sum to 0.98, as the official `get_distribution_target`.
+    """
+    if kind == "normalized":
+        blocks = torch.arange(1, depth + 1, dtype=torch.float64)
+        return (-0.5 * ((blocks - target) / std) ** 2).log_softmax(0).float()
+    index = torch.arange(depth, dtype=torch.float64)
+    density = torch.exp(-0.5 * ((index - target) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    head = density[: int(target)].sum()
+    return (density * (0.98 / head)).log().float()
 
 
 def _select_images(state: TokenState, rows: Tensor) -> TokenState:
@@ -142,7 +185,7 @@ class AViT(Method):
         self.target_depth = float(options.target_depth) if options.target_depth else 2.0 * cfg.depth / 3.0
         if not 1.0 <= self.target_depth <= cfg.depth:
             raise ConfigError(f"--target-depth must be in [1, {cfg.depth}] (the model has {cfg.depth} blocks), got {options.target_depth}")
-        self.register_buffer("log_prior", log_prior(cfg.depth, self.target_depth, options.prior_std), persistent=False)
+        self.register_buffer("log_prior", log_prior(cfg.depth, self.target_depth, options.prior_std, options.prior), persistent=False)
         # Saved with the checkpoint (see the module docstring): tokens halting at each block in training.
         self.register_buffer("halt_counts", torch.zeros(cfg.depth))
 
@@ -196,7 +239,11 @@ class AViT(Method):
             record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
             h_raw = self.halting_score(out)
             live = running.to(x.dtype)
-            q.append((h_raw * live).sum() / live.numel())  # over all tokens: halted ones add 0, so q ~ where tokens halt
+            if key_mask is None or self.options.q_mode == "halted-zero":
+                q.append((h_raw * live).mean())  # over all tokens; halted ones (if any) add 0
+            else:  # halted tokens scored on the output the official forward gives them
+                h_halted = self.halting_score(self.halted_output(block, x, running))  # (B,)
+                q.append(torch.where(running, h_raw, h_halted[:, None]).mean())
             h = torch.ones_like(h_raw) if i == depth - 1 else h_raw
             c = c + h * live
             halt_now = running & (c >= threshold)
@@ -214,7 +261,23 @@ class AViT(Method):
             with torch.no_grad():
                 self.halt_counts += distributed.global_sum(torch.stack(halted_per_block).to(self.halt_counts))  # all ranks' tokens
         record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
+        record.aux["avit_last"] = (state.replace(x=out, key_mask=needed), None)  # what the last block ran (stacks)
         return self._finish(acc, record)
+
+    @staticmethod
+    def halted_output(block: nn.Module, x: Tensor, running: Tensor) -> Tensor:
+        """(B, D): what the official forward computes, in `block`, for each image's halted tokens.
+
+        There, a halted token's input and both norm outputs are zeroed and its key is masked, so
+        it queries with qkv's bias alone over the running tokens (over itself where nothing runs,
+        which gives the same value bias), and its MLP sees zeros: ls1(attention) + ls2(mlp(0)),
+        one vector per image. `x`: (B, N, D) block input; `running`: (B, N) bool.
+        """
+        B, N, D = x.shape
+        probe = torch.cat([block.norm1(x), x.new_zeros(B, 1, D)], dim=1)  # a zero-input query appended
+        keys = torch.cat([running, ~running.any(dim=1, keepdim=True)], dim=1)
+        attn_out, _ = multihead_attention(block.attn, probe, key_mask=keys)
+        return block.ls1(attn_out[:, -1]) + block.ls2(block.mlp(x.new_zeros(1, D)))
 
     # -- removing: inference --
     def forward_removing(self, images: Tensor) -> RunOutput:
@@ -247,6 +310,7 @@ class AViT(Method):
             out = state.x
             cls = out[:, 0]
             if i == depth - 1:  # everything halts; CLS contributes its remainder
+                record.aux["avit_last"] = (state, active)  # what the last block ran, for stacks (methods.compose)
                 acc.addcmul_(cls, R[:, None])
                 output = acc if active is None else output.index_copy(0, active, acc)
                 break
@@ -306,6 +370,7 @@ class AViT(Method):
             state = run_block(block, i, state, NO_HOOKS, record)
             cls = state.x[0, 0]
             if i == depth - 1:
+                record.aux["avit_last"] = (state, None)
                 acc.add_(cls, alpha=float(R))
                 break
             z = state.x[0, :, 0].numpy() * np.float32(gamma) - np.float32(beta)
@@ -347,12 +412,12 @@ class AViT(Method):
     def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:
         """ponder_weight · mean ρ over tokens and batch; distr_weight · KL(prior ‖ q).
 
-        q_l = mean halting score h (before the last block's forcing) over all tokens of the batch,
-        a halted token counting 0 (the official code's mean over tokens, without its batch slicing
-        defect), so q describes where tokens halt; normalised to sum 1 and clamped to [0.01, 0.99]
-        as the official code. KL(prior ‖ q) = Σ_l prior_l (log prior_l − log q_l): the official
-        direction (`F.kl_div(q.log(), prior)`), mass-covering, so q must put halting mass
-        wherever the prior does; summed over blocks (the true KL).
+        q_l = mean halting score h of block l (before the last block's forcing) over all tokens of
+        the batch, halted tokens scored per `q_mode` (module docstring); normalised to sum 1 and
+        clamped to [0.01, 0.99] as the official code. KL(prior ‖ q) = Σ_l prior_l (log prior_l −
+        log q_l): the official direction (`F.kl_div(q.log(), prior)`), mass-covering, so q must put
+        halting mass wherever the prior does; summed over blocks for the normalised prior (the
+        true KL), averaged over blocks for the reference prior (the official `batchmean`).
         """
         if not self.options.halting:
             return {}
@@ -363,6 +428,8 @@ class AViT(Method):
         q = (q / q.sum().clamp(min=torch.finfo(q.dtype).tiny)).clamp(0.01, 0.99)
         log_prior_ = self.log_prior.to(q.dtype)
         kl = (log_prior_.exp() * (log_prior_ - q.log())).sum()
+        if self.options.prior == "reference":
+            kl = kl / q.numel()
         return {"ponder": self.options.ponder_weight * aux["avit_ponder"].mean(), "distr": self.options.distr_weight * kl}
 
     def token_map(self, out: RunOutput) -> TokenMap | None:

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..models.loading import load_model, load_state_dict_strict, read_sidecar, save_model, sidecar_path
 from .base import Method
-from .registry import build_method
+from .registry import build_method, get_spec
 
 METHOD_PREFIX = "method."
 
@@ -25,7 +25,14 @@ def method_entry(method: Method) -> dict[str, Any]:
 
 
 def own_state(method: Method) -> dict[str, Any]:
-    """The method's parameters and buffers that are not the wrapped ViT's."""
+    """The method's parameters and buffers that are not the wrapped ViT's.
+
+    A stack (methods.compose) names the parts that hold tensors of their own (`checkpoint_parts`):
+    their own state, prefixed by the part's name (`reducer.`).
+    """
+    parts = getattr(method, "checkpoint_parts", None)
+    if parts is not None:
+        return {f"{name}.{k}": v for name, part in parts().items() for k, v in own_state(part).items()}
     return {k: v for k, v in method.state_dict().items() if not k.startswith("model.")}
 
 
@@ -40,17 +47,20 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     Asking for a method the checkpoint was not trained as is an error, unless that method has
     no parameters of its own or builds them from the backbone (`post_hoc = True`, e.g. ABS's
     extra block copied from the last block): training-free methods apply to any ViT checkpoint.
+    A stack and its reducer share their trained part: a `spot` checkpoint loads as `spot+abs`
+    (with its options) and a `spot+abs` checkpoint as `spot`.
     """
     meta = {} if Path(path).is_dir() else read_sidecar(sidecar_path(path))  # a Hugging Face directory holds no method
     saved = meta.get("method") or {"name": "baseline", "options": {}}
     name = name or saved["name"]
-    options = {**saved["options"], **overrides} if name == saved["name"] else dict(overrides)
+    relation = _relation(name, saved["name"])
+    options = {**_carried_options(relation, name, saved["options"]), **overrides}
     model = load_model(path)
     method = build_method(name, model, **options)
     expected = own_state(method)
-    if name != saved["name"] and getattr(method, "post_hoc", False):
+    if relation is None and getattr(method, "post_hoc", False):
         return method.eval()
-    if name != saved["name"] and expected:
+    if relation is None and expected:
         raise CheckpointError(
             f"{str(path)!r} holds a {saved['name']!r} checkpoint with no {name!r} parameters ({len(expected)} tensors needed); "
             f"train it with `vitbudget train --method {name}` first"
@@ -59,9 +69,38 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
         from ..models.loading import read_state_dict
 
         stored = {k[len(METHOD_PREFIX):]: v for k, v in read_state_dict(path).items() if k.startswith(METHOD_PREFIX)}
+        if relation == "stack of saved":
+            stored = {STACK_PART + k: v for k, v in stored.items()}
+        elif relation == "part of saved":
+            stored = {k[len(STACK_PART):]: v for k, v in stored.items() if k.startswith(STACK_PART)}
         holder = _OwnState(method)
         load_state_dict_strict(holder, stored, repr(str(path)) + f" ({name} parameters)")
     return method.eval()
+
+
+STACK_PART = "reducer."
+
+
+def _relation(requested: str, saved: str) -> str | None:
+    """How a checkpoint saved as `saved` serves `requested`: 'same', 'stack of saved' (tome -> tome+abs),
+    'part of saved' (tome+abs -> tome), or None (unrelated: only parameter-free methods load)."""
+    if requested == saved:
+        return "same"
+    if "+" in requested and requested.split("+")[0] == saved:
+        return "stack of saved"
+    if "+" in saved and saved.split("+")[0] == requested:
+        return "part of saved"
+    return None
+
+
+def _carried_options(relation: str | None, requested: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved options that still apply: all of them for the same method or its stack, the part's for a part."""
+    if relation is None:
+        return {}
+    if relation == "part of saved":
+        fields = {f.name for f in dataclasses.fields(get_spec(requested).options)}
+        return {k: v for k, v in saved.items() if k in fields}
+    return dict(saved)
 
 
 class _OwnState:
@@ -74,5 +113,10 @@ class _OwnState:
         return own_state(self.method)
 
     def load_state_dict(self, state, strict=True):
+        parts = getattr(self.method, "checkpoint_parts", None)
+        if parts is not None:
+            for name, part in parts().items():
+                _OwnState(part).load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}, strict)
+            return None
         full = {**{f"model.{k}": v for k, v in self.method.model.state_dict().items()}, **state}
         return self.method.load_state_dict(full, strict=strict)

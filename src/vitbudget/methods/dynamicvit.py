@@ -4,7 +4,11 @@ Predictors before 0-based blocks `stages` (3, 6, 9) keep rho, rho^2, rho^3 of th
 Training: hard Gumbel-softmax masks (tau 1), monotone, applied as an attention policy; loss adds
 rate_weight * sum_k (kept fraction - rho^k)^2 / K and token_distill * MSE(final kept tokens,
 teacher tokens, both after the final norm); the KL to the teacher is the Trainer's distill_weight. Inference: top
-ceil(rho^k * N) tokens by keep score, the rest really removed (same count per image: batched).
+int(N * rho^k) tokens by keep score as its reference computes them (N = 196, rho 0.7: 137, 96, 67),
+the rest really removed (same count per image: batched). The reference orders the kept tokens by
+score; we keep their original order, which changes no logit (attention and the predictor's
+global mean are permutation-invariant). Fine-tuning recipe: `dynamicvit_cifar10`, predictors at
+100x the backbone's learning rate (the reference's backbone `lr_scale` 0.01).
 """
 from __future__ import annotations
 

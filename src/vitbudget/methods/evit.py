@@ -1,10 +1,18 @@
 """EViT (Liang et al., ICLR 2022): keep the tokens the CLS token attends to most.
 
-Inside each block of `stages` (0-based 3, 6, 9), between the attention residual and the MLP, the
-top ceil(rho * (N - 1)) of the current non-CLS tokens by CLS attention (averaged over heads) are
-kept; with `fuse`, the dropped ones become one extra token, their average weighted by their CLS
-attention (EViT's "inattentive token fusion"; the fused token has no patch id). No parameters:
-training-free, and also fine-tunable since pruning is a plain gather.
+What `youweiliang/evit` (`evit.py`) computes: inside each block of `stages` (0-based 3, 6, 9),
+between the attention residual and the MLP, the top ceil(rho * (N - 1)) of the current non-CLS
+tokens by CLS attention (averaged over heads) are kept; N - 1 counts a fused token of an
+earlier stage, which competes like any other. With `fuse`, the dropped ones become one extra
+token at the end: the sum of their features weighted by their raw CLS attention (EViT's
+"inattentive token fusion": no division, the weights sum to the attention mass dropped).
+`fuse_normalize` divides by that mass instead (a weighted average; not the reference).
+
+Kept tokens stay in their original order, where the reference orders them by score. Attention,
+the MLP and the CLS readout are permutation-equivariant, so this changes no logit (beyond float
+summation order); it keeps `patch_ids` in grid order for the token maps. Generalised to several
+prefix tokens (registers): all of them are kept, and the CLS attention ranks the others.
+No parameters: training-free, and also fine-tunable since pruning is a plain gather.
 """
 from __future__ import annotations
 
@@ -25,7 +33,13 @@ from .registry import register
 
 @dataclass(frozen=True)
 class EViTOptions(StagedOptions):
-    fuse: bool = field(default=False, metadata={"help": "evit: fuse the dropped tokens into one token weighted by their CLS attention"})
+    fuse: bool = field(default=False, metadata={"help": "evit: fuse the dropped tokens into one token, their features summed with their CLS attention as weights (the reference)"})
+    fuse_normalize: bool = field(default=False, metadata={"help": "evit: divide the fused token by the dropped attention mass (a weighted average; not the reference)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fuse_normalize and not self.fuse:
+            raise ConfigError("--fuse-normalize applies to the fused token: pass --fuse true as well")
 
 
 class EViT(Method):
@@ -57,7 +71,8 @@ class EViT(Method):
         if self.options.fuse:
             dropped = torch.ones_like(cls, dtype=torch.bool).scatter(1, index_[:, p:] - p, False)
             w = cls * dropped
-            w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.options.fuse_normalize:
+                w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
             fused = (state.x[:, p:] * w[..., None]).sum(dim=1, keepdim=True)
             ids = torch.full_like(new.patch_ids[:, :1], -1)
             extras = {name: torch.cat([t, t[:, :1]], 1) for name, t in new.extras.items()}
@@ -70,4 +85,4 @@ class EViT(Method):
 
 
 register("evit", lambda model, opts: EViT(model, opts), EViTOptions,
-         "EViT: keep the top rho of tokens by CLS attention inside blocks 3/6/9, optionally fuse the rest (training-free)")
+         "EViT: keep the top rho of tokens by CLS attention inside blocks 3/6/9, optionally fuse the rest into one token (training-free)")

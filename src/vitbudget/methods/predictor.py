@@ -5,7 +5,9 @@ DynamicViT is the predictor on token embeddings only; SPOT adds attention-map st
 block just before each stage and of the running mean / variance of attention over all blocks so
 far. Training uses hard Gumbel-softmax masks applied through `TokenState.policy` (masked
 softmax, dense compute, gradients reach the predictors); inference keeps the top
-ceil(rho^k * N) tokens by keep score and really removes the others (fixed counts: batched).
+int(N * rho^k) tokens by keep score, N the model's patch count, as DynamicViT's reference
+(`int(init_n * token_ratio[k])`: 137, 96, 67 of 196 at rho 0.7), and really removes the others
+(fixed counts: batched). EViT rounds up instead (`keep_count`): the rule is per method.
 """
 from __future__ import annotations
 
@@ -57,8 +59,17 @@ def check_rho(rho: float) -> None:
 
 
 def keep_count(fraction: float, n: int) -> int:
-    """ceil(fraction * n), robust to float noise (0.7 * 64 = 44.8 -> 45; 0.5 * 64 -> 32), at least 1."""
-    return max(1, min(n, math.ceil(fraction * n - 1e-9)))
+    """EViT's rule: ceil(fraction * n) of the float product, as its reference computes it
+    (`math.ceil(keep_rate * (N - 1))`: 0.7 * 64 = 44.8 -> 45, 0.5 * 64 -> 32, and also
+    0.56 * 25 = 14.000000000000002 -> 15), at least 1."""
+    return max(1, min(n, math.ceil(fraction * n)))
+
+
+def truncated_keep_count(ratio: float, n: int) -> int:
+    """DynamicViT's rule: int(n * ratio), with `ratio` = rho ** k as a Python float, computed as its
+    reference does (196 at rho 0.7: 137, 96, 67; 64: 44, 31, 21), so the same float noise truncates
+    the same way. At least 1, where the reference would keep no patch at all."""
+    return max(1, min(n, int(n * ratio)))
 
 
 # -- bookkeeping shared by all pruning methods ---------------------------------------------------
@@ -216,7 +227,7 @@ class PredictorMethod(Method):
         check_stages_in_range(self.stages, cfg.depth, first=1 if self.sources else 0)
         self.num_patches = cfg.num_patches
         self.ratios = [opts.rho ** (k + 1) for k in range(len(self.stages))]
-        self.counts = [keep_count(r, cfg.num_patches) for r in self.ratios]
+        self.counts = [truncated_keep_count(r, cfg.num_patches) for r in self.ratios]
         self.head_average = head_average
         self.stats = stats
         heads = 1 if head_average else cfg.num_heads

@@ -49,9 +49,14 @@ def make_options(name: str, values: dict[str, Any]) -> Any:
 
 
 def get_spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    """A registered method, or a stack `REDUCER+abs` (methods.compose), made on first use."""
+    if name in METHODS:
+        return METHODS[name]
+    if "+" in name:
+        from .compose import stack_spec
+
+        return stack_spec(name)
+    raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}, or a stack REDUCER+abs (e.g. tome+abs)")
 
 
 def build_method(name: str, model: nn.Module, **options: Any) -> Method:

@@ -23,7 +23,10 @@ SDPA; the element-wise work (running second moment, variances) is added to the F
 The running sums are per-token extras (B, N, H, N): rows travel with `gather`, and the column
 axis is gathered with the same index at each stage (`predictor.gather_tokens`).
 
-`spot_heuristic` (SPOT's Table 7): no predictor; keep the top ceil(rho^k N) tokens by CLS
+Keep counts follow DynamicViT's setup, which SPOT adopts: int(N * rho^k) patches at stage k
+(`predictor.truncated_keep_count`), N the model's patch count; the heuristic uses the same.
+
+`spot_heuristic` (SPOT's Table 7): no predictor; keep the top int(N * rho^k) tokens by CLS
 attention averaged over heads and over all blocks so far.
 """
 from __future__ import annotations
@@ -39,8 +42,8 @@ from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
 from .base import Method
 from .dynamicvit import DynamicViTOptions
-from .predictor import (PredictorMethod, StagedOptions, check_stages_in_range, drop_stage_map, keep_count, note_drops,
-                        parse_stages, resolve_d_remap, top_index)
+from .predictor import (PredictorMethod, StagedOptions, check_stages_in_range, drop_stage_map, note_drops, parse_stages,
+                        resolve_d_remap, top_index, truncated_keep_count)
 from .registry import register
 
 
@@ -78,7 +81,7 @@ class HeuristicOptions(StagedOptions):
 
 
 class SPOTHeuristic(Method):
-    """Training-free: CLS attention averaged over heads and blocks so far, top ceil(rho^k N) kept before each stage."""
+    """Training-free: CLS attention averaged over heads and blocks so far, top int(N rho^k) kept before each stage."""
 
     name = "spot_heuristic"
 
@@ -89,7 +92,7 @@ class SPOTHeuristic(Method):
             raise ConfigError("spot_heuristic ranks tokens by CLS attention; this model has no class token")
         self.stages = parse_stages(options.stages)
         check_stages_in_range(self.stages, cfg.depth, first=1)
-        self.counts = [keep_count(options.rho ** (k + 1), cfg.num_patches) for k in range(len(self.stages))]
+        self.counts = [truncated_keep_count(options.rho ** (k + 1), cfg.num_patches) for k in range(len(self.stages))]
         self.active = any(c < cfg.num_patches for c in self.counts)
 
     def needs_probs(self, index: int) -> bool:

@@ -1,13 +1,32 @@
 """ToMe (Bolya et al., ICLR 2023): merge r token pairs per block by bipartite soft matching.
 
-In every block, between the attention residual and the MLP: the patch tokens alternate into sets
-A and B, each A token's most similar B token is found by cosine similarity of the head-averaged
-keys, and the r most similar A tokens are merged into their B partners (size-weighted average).
-Token sizes feed proportional attention (log size added to the attention logits by the runner).
-Prefix tokens (CLS, registers) are never merged. Training-free; r = 0 is exactly the baseline.
+What `facebookresearch/ToMe` computes (`tome/merge.py` `bipartite_soft_matching` with
+`class_token=True`, `merge_wavg`, and its timm patch), in every block between the attention
+residual and the MLP:
 
-r larger than half the patch tokens of the first block is a ConfigError; later blocks merge at
-most half of what is left, as the reference does (min(r, n // 2)).
+* the metric is the block's keys averaged over heads (after q/k-norm where the model has one),
+  cosine-normalised, over the WHOLE sequence;
+* set A is the even positions of the sequence (the CLS token included), set B the odd ones;
+  the CLS token is protected by scoring its A row -inf;
+* each A token's most similar B token is its partner; the r A tokens with the highest
+  similarity merge into their partners: (x * size) and size are summed (scatter-add) and the
+  sums divided, a size-weighted average; r = min(r, (tokens - protected) // 2);
+* the result is ordered [CLS, unmerged A tokens in their order, B tokens], so which set a
+  token falls in next block depends on this order (the parity carries from block to block);
+* token sizes feed proportional attention: log(size) is added to the attention logits (the
+  runner does this for any state with `size`).
+
+Generalised to several prefix tokens (registers, a distillation token): every prefix token is
+protected (its A row or its B column scores -inf; the reference protects CLS this way and the
+distillation token by its B column), and the prefix tokens stay at the front in their original
+order, followed by the unmerged A tokens and the B tokens. With one prefix token this is the
+reference exactly; with CLS + distillation token it is the reference's `distill_token=True`.
+With no prefix token (global average pooling) the unmerged A tokens keep the reference's
+order (most similar first), which it sorts only when there is a class token.
+
+Merging is export-safe (gather, scatter-add, divide; never scatter_reduce "mean", which ONNX
+cannot express). Training-free; r = 0 is exactly the baseline. r larger than half the patch
+tokens is a ConfigError; later blocks merge at most half of what is left.
 """
 from __future__ import annotations
 
@@ -34,42 +53,44 @@ class ToMeOptions:
 
 
 def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenState, float]:
-    """Merge r tokens of set A into set B; returns the new state and the matching MACs per image.
+    """Merge r tokens of set A (even positions) into set B (odd positions), as ToMe's reference.
 
-    metric: (B, N, d) similarity features (head-averaged keys). Output order: prefix, unmerged A
-    tokens (in their order), B tokens (in their order).
+    metric: (B, N, d) similarity features of every token (head-averaged keys). Returns the new
+    state, ordered [prefix, unmerged A, B] (see the module docstring), and the matching MACs per
+    image (the A x B similarity product).
     """
     p = state.num_prefix
     size = state.size if state.size is not None else torch.ones(state.x.shape[:2], dtype=state.x.dtype, device=state.x.device)
-    m = metric[:, p:]
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a_m, b_m = m[:, ::2], m[:, 1::2]
-    scores = a_m @ b_m.transpose(1, 2)  # (B, Na, Nb)
-    node_max, node_idx = scores.max(dim=-1)
-    order = node_max.argsort(dim=-1, descending=True)
-    src = order[:, :r]  # A tokens merged away
-    unm = order[:, r:].sort(dim=-1).values  # A tokens kept, in their order
-    dst = node_idx.gather(1, src)  # their partners in B
-
-    def split(t: Tensor):
-        rest = t[:, p:]
-        return t[:, :p], rest[:, ::2], rest[:, 1::2]
+    with torch.no_grad():  # the matching is a discrete choice, as in the reference
+        m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        a_m, b_m = m[:, ::2], m[:, 1::2]
+        scores = a_m @ b_m.transpose(1, 2)  # (B, Na, Nb)
+        pa, pb = (p + 1) // 2, p // 2  # prefix tokens at even (A) and odd (B) positions
+        if p:
+            protected = torch.zeros(scores.shape[1:], dtype=torch.bool, device=scores.device)
+            protected[:pa] = True
+            protected[:, :pb] = True
+            scores = scores.masked_fill(protected, float("-inf"))
+        node_max, node_idx = scores.max(dim=-1)
+        order = node_max.argsort(dim=-1, descending=True)
+        src = order[:, :r]  # A tokens merged away
+        unm = order[:, r:]  # A tokens kept
+        if p:  # the reference sorts them when there is a class token, so that it stays first
+            unm = unm.sort(dim=-1).values[:, pa:]  # protected A tokens sort first: drop them here
+        dst = node_idx.gather(1, src)  # partners in B
 
     def take(t: Tensor, idx: Tensor) -> Tensor:
         return t.gather(1, idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
-    xp, xa, xb = split(state.x)
-    sp, sa, sb = split(size)
+    weighted = state.x * size[..., None]
+    xa, xb, sa, sb = weighted[:, ::2], weighted[:, 1::2], size[:, ::2], size[:, 1::2]
     d = xb.shape[-1]
-    src_x, src_s = take(xa, src), take(sa, src)
-    mass = (xb * sb[..., None]).scatter_add(1, dst[..., None].expand(-1, -1, d), src_x * src_s[..., None])
-    sb_new = sb.scatter_add(1, dst, src_s)
-    hit = torch.zeros_like(sb, dtype=torch.bool).scatter(1, dst, True)[..., None]
-    xb = torch.where(hit, mass / sb_new[..., None], xb)  # untouched tokens stay bit-identical
-    new_x = torch.cat([xp, take(xa, unm), xb], 1)
-    new_size = torch.cat([sp, take(sa, unm), sb_new], 1)
-    ip, ia, ib = split(state.patch_ids)
-    new_ids = torch.cat([ip, take(ia, unm), ib], 1)
+    xb = xb.scatter_add(1, dst[..., None].expand(-1, -1, d), take(xa, src))
+    sb = sb.scatter_add(1, dst, take(sa, src))
+    ids_a, ids_b = state.patch_ids[:, ::2], state.patch_ids[:, 1::2]
+    new_size = torch.cat([size[:, :p], take(sa, unm), sb[:, pb:]], 1)
+    new_x = torch.cat([state.x[:, :p], take(xa, unm) / take(sa, unm)[..., None], xb[:, pb:] / sb[:, pb:, None]], 1)
+    new_ids = torch.cat([state.patch_ids[:, :p], take(ids_a, unm), ids_b[:, pb:]], 1)
     new = state.replace(x=new_x, size=new_size, patch_ids=new_ids, extras={})
     return new, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
 

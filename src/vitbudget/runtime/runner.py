@@ -128,13 +128,14 @@ def run_block(
     )
     tokens = record.tokens_of(state)
     record.attn_tokens.append(tokens)  # stays on device: no sync per block
-    x = x + block.drop_path1(block.ls1(attn_out))
     if packing is not None:
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = x + _per_sample(block.drop_path1, block.ls1(attn_out), packing)
+        x = x + _per_sample(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
         record.mlp_tokens.append(tokens)
         width = packing.tokens_per_image
         record.add_widths(width, state.width, width)
         return hooks.after_block(index, state.replace(x=packing.unpack(x, into=state.x)), info, record)
+    x = x + block.drop_path1(block.ls1(attn_out))
     attn_width = state.width
     state = state.replace(x=x)
     after = hooks.after_attention(index, state, info, record)
@@ -144,6 +145,20 @@ def run_block(
     record.add_widths(attn_width, attn_width, state.width)
     x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
     return hooks.after_block(index, state.replace(x=x), info, record)
+
+
+def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing) -> Tensor:
+    """Stochastic depth on packed (T, C) rows, per image as on the padded (B, W, C) layout.
+
+    DropPath draws one keep per leading index: on packed rows that would drop single tokens.
+    In training it runs on the padded layout, so it drops whole images with the same random
+    draws as the unpacked path (packed equals padded under the same seed); otherwise (eval,
+    rate 0, Identity) it is called as is.
+    """
+    rate = getattr(drop_path, "p", getattr(drop_path, "drop_prob", 0.0))
+    if not (drop_path.training and rate):
+        return drop_path(branch)
+    return packing.pack(drop_path(packing.unpack(branch)))
 
 
 def _packing(state: TokenState, hooks: Hooks, record: ExecutionRecord) -> Packing | None:

@@ -92,9 +92,17 @@ class TokenState:
 
         Kept tokens keep their relative order; `key_mask` marks the padding so attention
         ignores it. With equal counts per image there is no padding and no mask.
+        An image whose `keep` row selects nothing keeps its first real token (the CLS token where
+        there is one): a row of padding only would leave attention no key, and softmax over no
+        key is NaN. To drop an image altogether, select it out of the batch instead.
         """
         if self.key_mask is not None:
             keep = keep & self.key_mask
+        empty = ~keep.any(dim=1, keepdim=True)  # (B, 1)
+        if bool(empty.any()):
+            real = self.key_mask if self.key_mask is not None else torch.ones_like(keep)
+            first = real & (real.cumsum(dim=1) == 1)  # each image's first real token
+            keep = keep | (empty & first)
         if self.batch_size == 1:  # nothing to pad: a plain index, no sort and no mask
             return self.gather(keep[0].nonzero().T).replace(key_mask=None)
         counts = keep.sum(dim=1)

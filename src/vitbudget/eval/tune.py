@@ -1,0 +1,282 @@
+"""The tuner: which method and setting meets a speed (or FLOPs) target on this machine, most accurately.
+
+A user does not want a ρ or an r; they want "1.5× faster on my hardware, losing as little as
+possible". The tuner measures candidates and recommends one:
+
+* candidates: the baseline, the training-free reducers over a grid (EViT and the SPOT heuristic over
+  ρ, ToMe over r scaled to the model's patches per block), each of them followed by ABS (stacks),
+  and trained method checkpoints the user passes (with their stacks);
+* accuracy on a held-out part of the TRAINING split, never the test split: the last `holdout`
+  images of the seed-0 permutation of the split, so they are disjoint from every fine-tuning
+  subset the recipes draw (`--train-limit L`, the first L of the same permutation, L <= N - holdout).
+  A model trained on the whole split has seen them: the numbers are then optimistic, and only
+  their order matters; the chosen setting is measured once on the test split afterwards;
+* speed on this machine at the user's batch size, all candidates timed round-robin with the
+  library's timer (`eval.speed.time_interleaved`), as speed-up = median over rounds of
+  baseline time / candidate time;
+* recommendation: the most accurate candidate that meets the target in these measurements
+  (speed-up >= target, and/or relative FLOPs <= target), ties broken by speed.
+
+Accuracy results are kept in a state file as they come, so a killed run resumes; timing is
+always redone (it must be round-robin within one run).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, VitbudgetError
+from ..io import write_json
+from ..methods import build_method, load_method
+from ..methods.labels import display_name, setting_label
+from ..runtime.cost import dense_macs
+from . import metrics
+from .evaluate import predict
+from .speed import time_interleaved
+
+RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
+TOME_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)  # r = fraction * patches / depth: 1.0 merges all patches by the last block
+FAMILIES = ("evit", "spot_heuristic", "tome")
+HOLDOUT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # its own checkpoint (a trained method); None = the tuned model
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.method, self.options, self.model], sort_keys=True)
+
+
+def tome_rs(num_patches: int, depth: int) -> list[int]:
+    """ToMe's r grid for this model: r = f * patches / depth for f in TOME_FRACTIONS, 1 <= r <= patches / 2."""
+    return sorted({min(num_patches // 2, max(1, round(f * num_patches / depth))) for f in TOME_FRACTIONS})
+
+
+def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool = True, stack_alpha: float = 0.2,
+                       checkpoints: Sequence[tuple[str, str]] = ()) -> list[Candidate]:
+    """Baseline, each family over its grid (+ ABS), then each (checkpoint, method) given (+ ABS if it reduces tokens)."""
+    from ..methods import make_options
+    from ..methods.compose import REDUCERS
+
+    make_options("abs", {"alpha": stack_alpha})  # a bad --stack-alpha is an error, not a family that does not apply
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} cannot be swept (training-free families: {', '.join(FAMILIES)})")
+    out = [Candidate("Baseline", "baseline")]
+    settings = []
+    for family in families:
+        if family == "tome":
+            settings += [("tome", {"r": r}) for r in tome_rs(cfg.num_patches, cfg.depth)]
+        else:
+            settings += [(family, {"rho": rho}) for rho in RHOS]
+    for method, options in settings:
+        out.append(Candidate(f"{display_name(method)} {setting_label(options)}", method, options))
+        if stacks:
+            opts = {**options, "alpha": stack_alpha}
+            out.append(Candidate(f"{display_name(method + '+abs')} {setting_label(opts)}", method + "+abs", opts))
+    for path, method in checkpoints:
+        name = Path(path).parent.name or Path(path).stem
+        out.append(Candidate(f"{display_name(method)} ({name})", method, {}, path))
+        if stacks and method in REDUCERS:
+            out.append(Candidate(f"{display_name(method + '+abs')} ({name}) α {stack_alpha:g}", method + "+abs", {"alpha": stack_alpha}, path))
+    return out
+
+
+def holdout_indices(n: int, holdout: int) -> list[int]:
+    """The last `holdout` of the seed-0 permutation of n images (all of them if holdout >= n), ascending.
+
+    `data.subset_indices(n, L)` takes the first L of the same permutation for training subsets, so
+    the two never overlap while L <= n - holdout.
+    """
+    if holdout <= 0:
+        raise ConfigError(f"--holdout must be positive, got {holdout}")
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return sorted(perm[-holdout:].tolist()) if holdout < n else list(range(n))
+
+
+def meets(row: dict[str, Any], target_speedup: float | None, target_flops: float | None) -> bool:
+    ok = True
+    if target_speedup is not None:
+        ok = ok and row.get("speedup") is not None and row["speedup"] >= target_speedup
+    if target_flops is not None:
+        ok = ok and row["rel_flops"] <= target_flops
+    return ok
+
+
+def recommend(rows: dict[str, dict[str, Any]], target_speedup: float | None, target_flops: float | None) -> str | None:
+    """The most accurate candidate meeting the target (ties: the faster, then the cheaper)."""
+    ok = [label for label, r in rows.items() if r["meets"]]
+    if not ok:
+        return None
+    return max(ok, key=lambda lb: (rows[lb]["top1_mean"], rows[lb].get("speedup") or 0.0, -rows[lb]["rel_flops"]))
+
+
+class TuneState:
+    """Accuracy per candidate, saved as it comes so a killed run resumes (atomic JSON)."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any]):
+        self.path, self.fingerprint, self.done = path, fingerprint, {}
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if saved.get("fingerprint") == fingerprint:
+                self.done = saved.get("done", {})
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+
+    def remove(self) -> None:
+        if self.path is not None and self.path.is_file():
+            self.path.unlink()
+
+
+def fingerprint(model_path: str, dataset, indices: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
+    stat = Path(model_path).stat() if Path(model_path).is_file() else None
+    digest = hashlib.sha256(json.dumps([s for s, _ in (dataset.samples[i] for i in indices)]).encode()).hexdigest()[:16]
+    return {"model": str(Path(model_path).resolve()), "model_stat": [stat.st_size, int(stat.st_mtime)] if stat else None,
+            "images": digest, **extra}
+
+
+def tune(
+    model, model_path: str, dataset, indices: Sequence[int], candidates: Sequence[Candidate], *,
+    target_speedup: float | None = None, target_flops: float | None = None, batch_size: int = 1, device: str = "cpu",
+    repeats: int = 30, warmup: int = 3, eval_batch_size: int = 256, workers: int | None = None, progress: bool = True,
+    state_path: Path | None = None, build: Callable[[Candidate], Any] | None = None, speed: bool = True,
+) -> dict[str, Any]:
+    """Measure every candidate (accuracy on `indices`, speed at `batch_size`) and recommend one.
+
+    `model` is the loaded tuned model (training-free candidates share it); `build(candidate)` may
+    replace how a candidate becomes a Method (the CLI passes one that honours --arch). `speed=False`
+    skips timing (a FLOPs target only: on a shared machine, or where timing is done elsewhere).
+    """
+    if target_speedup is None and target_flops is None:
+        raise ConfigError("give a target: --target-speedup X (measured, on this machine) and/or --target-flops F (relative FLOPs)")
+    if not speed and target_speedup is not None:
+        raise ConfigError("--target-speedup needs the speed measurement; drop --no-speed, or give --target-flops only")
+    for name, value in (("--target-speedup", target_speedup), ("--target-flops", target_flops)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
+    if batch_size <= 0 or repeats <= 0 or warmup < 0:
+        raise ConfigError(f"--batch-size and --repeats must be positive and --warmup >= 0, got {batch_size}, {repeats}, {warmup}")
+    build = build or (lambda c: load_method(c.model, c.method, **c.options) if c.model else build_method(c.method, model, **c.options))
+    methods, skipped = {}, {}
+    for cand in candidates:  # build everything first: a bad checkpoint or option fails before any work
+        try:
+            methods[cand.label] = build(cand).to(device).eval()
+        except ConfigError as exc:
+            if cand.model is not None or cand.method == "baseline":
+                raise
+            skipped[cand.label] = str(exc)  # a family that does not apply to this model (e.g. no class token)
+    if "Baseline" not in methods:
+        raise ConfigError("the candidates must include the baseline (label 'Baseline')")
+    state = TuneState(state_path, fingerprint(model_path, dataset, indices, {"device": device}))
+    base_macs = dense_macs(model.cfg)
+    bar = tqdm(total=len(methods), desc="accuracy (held-out train images)", unit="cand", disable=not progress)
+    rows: dict[str, dict[str, Any]] = {}
+    correct: dict[str, np.ndarray] = {}
+    for cand in candidates:
+        if cand.label not in methods:
+            continue
+        cached = state.done.get(cand.key)
+        if cached is None:
+            pred = predict(methods[cand.label], dataset, indices, eval_batch_size, workers, device, progress, desc=cand.label)
+            summary = pred.summary(base_macs)
+            cached = {"summary": summary, "correct": (pred.logits.argmax(1) == pred.labels).int().tolist()}
+            state.done[cand.key] = cached
+            state.save()
+        correct[cand.label] = np.asarray(cached["correct"], bool)
+        s = cached["summary"]
+        rows[cand.label] = {"method": cand.method, "options": cand.options, "model": cand.model, "top1_mean": s["top1"],
+                            "ece": s["ece"], "nll": s["nll"], "gflops": s["gflops"], "rel_flops": s["rel_flops"]}
+        bar.update(1)
+    bar.close()
+    for label, row in rows.items():
+        row["mcnemar_p_vs_baseline"] = None if label == "Baseline" else metrics.mcnemar(correct[label], correct["Baseline"])["p_value"]
+    timing = measure_speedups(methods, dataset, indices, batch_size=batch_size, device=device, repeats=repeats, warmup=warmup,
+                              progress=progress) if speed else {}
+    for label, row in rows.items():
+        row.update(timing.get(label, dict.fromkeys(("speedup", "speedup_q25", "speedup_q75", "latency_ms", "images_per_s"))))
+        row["fraction_of_ideal"] = None if row["speedup"] is None else row["speedup"] * row["rel_flops"]
+        row["meets"] = meets(row, target_speedup, target_flops)
+    chosen = recommend(rows, target_speedup, target_flops)
+    state.remove()
+    return {"rows": rows, "recommended": chosen, "skipped": skipped, "target_speedup": target_speedup, "target_flops": target_flops,
+            "batch_size": batch_size if speed else None, "device": device, "repeats": repeats if speed else 0, "images": len(indices)}
+
+
+def measure_speedups(methods: dict[str, Any], dataset, indices: Sequence[int], *, batch_size: int, device: str, repeats: int,
+                     warmup: int = 3, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Round-robin timing at `batch_size` over up to 16 distinct batches of held-out images (256 images at most)."""
+    count = max(1, min(16, 256 // batch_size, len(indices) // batch_size))
+    take = [indices[(i * batch_size + j) % len(indices)] for i in range(count) for j in range(batch_size)]
+    images = torch.stack([dataset[i][0] for i in take]).to(device)
+    inputs = list(images.split(batch_size))
+    time_interleaved(methods, inputs, warmup=warmup, repeats=0)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r in tqdm(range(repeats), desc=f"speed (batch {batch_size}, {len(methods)} candidates round-robin)", unit="round", disable=not progress):
+        for name, ts in time_interleaved(methods, [inputs[r % len(inputs)]], warmup=0, repeats=1).items():
+            times[name] += ts
+    base = times["Baseline"]
+    out = {}
+    for name, ts in times.items():
+        ratios = np.array([b / t for b, t in zip(base, ts)])
+        out[name] = {"speedup": statistics.median(ratios.tolist()), "speedup_q25": float(np.percentile(ratios, 25)),
+                     "speedup_q75": float(np.percentile(ratios, 75)), "latency_ms": 1000 * statistics.median(ts),
+                     "images_per_s": batch_size / statistics.median(ts)}
+    return out
+
+
+def tune_table(result: dict[str, Any]) -> str:
+    """Markdown: every candidate, the recommended one in bold, sorted by measured speed-up."""
+    target = []
+    if result["target_speedup"] is not None:
+        target.append(f"speed-up ≥ {result['target_speedup']:g}× at batch {result['batch_size']}")
+    if result["target_flops"] is not None:
+        target.append(f"rel. FLOPs ≤ {result['target_flops']:g}")
+    timed = result["repeats"] > 0
+    lines = [
+        f"Target: {' and '.join(target)}. Accuracy on {result['images']} held-out training images; "
+        + (f"speed on this machine ({result['device']}, batch {result['batch_size']}, {result['repeats']} round-robin rounds).\n"
+           if timed else "speed not measured (--no-speed).\n"),
+        "| candidate | top-1 % | ECE % | rel. FLOPs | measured speed-up (quartiles over rounds) | fraction of ideal | meets target | McNemar p vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(result["rows"].items(), key=lambda kv: (kv[1]["speedup"] or 0.0, -kv[1]["rel_flops"]))
+    for label, r in rows:
+        name = f"**{label}** (recommended)" if label == result["recommended"] else label
+        p = r["mcnemar_p_vs_baseline"]
+        speedup = "–" if r["speedup"] is None else f"{r['speedup']:.3f}× ({r['speedup_q25']:.2f}–{r['speedup_q75']:.2f})"
+        ideal = "–" if r["fraction_of_ideal"] is None else f"{r['fraction_of_ideal']:.2f}"
+        lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['ece']:.2f} | {r['rel_flops']:.3f}× | {speedup} | "
+                     f"{ideal} | {'yes' if r['meets'] else 'no'} | {'–' if p is None else f'{p:.3g}'} |")
+    if result["skipped"]:
+        lines.append("\nNot applicable to this model: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
+    lines.append("\nFraction of ideal = measured speed-up × relative FLOPs (1 = the time saved is all the FLOPs saved). "
+                 "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
+                 "Held-out accuracy ranks candidates; measure the chosen one on the test split: `vitbudget eval --config config.json`.")
+    return "\n".join(lines) + "\n"
+
+
+class NoCandidateMeetsTarget(VitbudgetError):
+    """No candidate reached the target in the tuner's measurements."""
+
+
+__all__ = ["Candidate", "NoCandidateMeetsTarget", "default_candidates", "holdout_indices", "measure_speedups", "recommend", "tune",
+           "tune_table", "tome_rs"]
