@@ -137,7 +137,8 @@ def _varlen_attention(attn: nn.Module, qkv: Tensor, packing: Packing) -> Tensor:
     q, k, v = qkv.reshape(T, 3, num_heads, head_dim).unbind(1)
     q, k = attn.q_norm(q), attn.k_norm(k)
     cu = packing.cu_seqlens()
-    out = varlen_attn(q.to(v.dtype), k.to(v.dtype), v, cu, cu, packing.width, packing.width, scale=attn.scale)
+    q, k, v = (t.to(qkv.dtype).contiguous() for t in (q, k, v))
+    out = varlen_attn(q, k, v, cu, cu, packing.width, packing.width, scale=attn.scale)
     out = out.reshape(T, num_heads * head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
