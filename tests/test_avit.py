@@ -9,7 +9,6 @@ from conftest import make_model
 
 from vitbudget import CheckpointError, ConfigError
 from vitbudget.runtime.cost import (
-    attention_macs,
     dense_macs,
     executed_macs_per_image,
     macs_per_image,

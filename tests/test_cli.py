@@ -144,7 +144,7 @@ def broken_sidecar(checkpoint, path, edit):
     ("eval", ["--limit", "0"], "argument --limit: expected a positive integer, got '0'"),
     ("eval", ["--latency-repeats", "0"], "argument --latency-repeats: expected a positive integer"),
     ("eval", ["--alpha", "nan"], "argument --alpha: expected a finite number, got 'nan'"),
-    ("eval", ["--method", "nonsense"], "argument --method: invalid choice: 'nonsense' \\(choose from 'abs', 'avit', 'baseline'"),
+    ("eval", ["--method", "nonsense"], "argument --method: invalid choice: 'nonsense' \\(unknown method 'nonsense'; available: abs, avit, baseline"),
     ("eval", ["--frobnicate"], "unrecognized argument\\(s\\) --frobnicate \\(see `vitbudget eval --help`\\)"),
     ("eval", ["--alpah", "0.2"], "unrecognized argument\\(s\\) --alpah 0.2; did you mean --alpha\\?"),
     ("bench", ["--suite", "abs", "--split", ","], "argument --split: expected split names separated by commas, got ','"),
@@ -156,7 +156,7 @@ def broken_sidecar(checkpoint, path, edit):
     ("viz", ["--method", "abs", "--num-images", "0"], "argument --num-images: expected a positive integer"),
     ("corrupt", ["--out", "x", "--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
     ("make-counting", ["--out", "x", "--size", "100000"], "argument --size: expected an image side from 16 to 1024 pixels"),
-    ("nonsense", [], "argument {eval,.*}: invalid choice: 'nonsense' \\(choose from 'eval', 'train'"),
+    ("nonsense", [], "argument {tune,eval,.*}: invalid choice: 'nonsense' \\(choose from 'tune', 'eval'"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, command, args, message):
     """argparse's convention: a malformed command line exits 2, here with one line that names the valid choices, no usage dump."""

@@ -16,6 +16,7 @@ from conftest import make_model, requires_export
 from vitbudget import ConfigError, InputError, save_model
 from vitbudget.cli import main
 from vitbudget.export import block_tokens, export_method, load_exported, read_metadata
+from vitbudget.runconfig import RunConfig, write_run_config
 from vitbudget.export.onnx_file import write_onnx
 from vitbudget.export.pt2_file import write_pt2
 from vitbudget.export.trace import EXAMPLE_BATCH, trace
@@ -146,7 +147,11 @@ def test_export_cli(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0 and out.is_file()
     assert "[17, 17, 9]" in stdout and "max |logits - PyTorch logits|" in stdout
-    assert read_metadata(out)["method"]["options"] == {"rho": 0.5, "stages": "1", "fuse": False}
+    assert read_metadata(out)["method"]["options"] == {"rho": 0.5, "stages": "1", "fuse": False, "fuse_normalize": False}
+    config = write_run_config(tmp_path / "c.json", RunConfig("evit", {"rho": 0.5, "stages": "1"}, model=str(ckpt)))
+    assert main(["export", "--config", str(config), "--out", str(tmp_path / "config.pt2")]) == 0  # the setting `tune` chose
+    assert read_metadata(tmp_path / "config.pt2")["method"] == read_metadata(out)["method"]
+    capsys.readouterr()
     for argv, message in [
         (["--out", str(tmp_path / "x.txt")], "cannot tell the format"),
         (["--model", str(avit), "--method", "avit", "--out", str(tmp_path / "a.onnx")], "--dense true"),

@@ -5,14 +5,16 @@ import argparse
 import json
 
 from ..defaults import DEFAULT_MODEL
-from ..methods import METHODS, build_method, load_method
-from .options import add_checkpoint_flags, add_method_option_flags, check_unused_options, method_options, resolve_default
+from ..methods import build_method, load_method
+from .options import (add_checkpoint_flags, add_config_flag, add_method_option_flags, apply_run_config, check_unused_options, method_help,
+                      method_name, method_options, resolve_default)
 
 EPILOG = """examples:
   vitbudget export --method evit --rho 0.7 --out evit.onnx                  # shared reference model
   vitbudget export --model runs/ft/spot/model.safetensors --method spot --out spot.pt2
   vitbudget export --model deit_s.pth --arch deit_small_patch16_224 --method tome --r 13 --format onnx --out tome.onnx
   vitbudget export --method avit --dense true --model runs/avit_d6/model.safetensors --out avit.onnx
+  vitbudget export --config runs/tune/config.json --out tuned.onnx          # the setting `vitbudget tune` chose
 
 The file takes a float32 batch "images" (batch, 3, H, W), normalised as its metadata says, and
 returns "logits"; the batch size is free. Metadata (preprocessing, class names, method and options,
@@ -27,12 +29,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Trace a checkpoint with a method into one file that runs without vitbudget.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(ex)
-    ex.add_argument("--method", default="baseline", choices=sorted(METHODS), help="method to export with the model (default baseline)")
+    ex.add_argument("--method", default=None, type=method_name, metavar="NAME", help=method_help("method to export with the model (default baseline)"))
     ex.add_argument("--format", default=None, choices=["onnx", "torch-export"], help="file format (default: from --out's suffix, .onnx or .pt2)")
     ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, 20 with torch 2.13; ToMe's scatter-add needs >= 16)")
     ex.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
     ex.add_argument("--no-verify", action="store_true", help="skip running the exported file against PyTorch")
+    add_config_flag(ex)
     add_method_option_flags(ex)
     return ex
 
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     fmt = format_of(args.out, args.format)  # before any loading: a bad name fails at once
+    apply_run_config(args)
+    args.method = args.method or "baseline"
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     check_unused_options(args, [args.method])
     if args.arch is None:
