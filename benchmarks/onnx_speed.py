@@ -29,7 +29,7 @@ import torch
 
 from vitbudget.defaults import DEFAULT_MODEL, default_path
 from vitbudget.eval.machine import machine_info
-from vitbudget.eval.speed import speed_report, time_interleaved
+from vitbudget.eval.speed import fraction_of_ideal, speed_report, time_interleaved
 from vitbudget.export import OnnxRunner, export_method
 from vitbudget.io import ensure_writable_dir, write_json, write_text
 from vitbudget.methods import build_method
@@ -100,7 +100,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[dict
                 speedup = 1.0 / entry["time_ratio"]  # median over rounds of baseline time / method time
                 row[f"{backend}_b{batch}"] = {
                     "median_ms": entry["median_ms"], "images_per_s": entry["images_per_s"], "speedup": speedup,
-                    "fraction_of_ideal": speedup * row["rel_flops"], "repeats": entry["repeats"],
+                    "fraction_of_ideal": fraction_of_ideal(speedup, row["rel_flops"]), "repeats": entry["repeats"],
                 }
         print(f"{name}: timed batch {batch}", flush=True)
     return rows

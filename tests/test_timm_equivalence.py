@@ -2,18 +2,11 @@
 
 timm needs torchvision, and the registry's torchvision is a CUDA build that does not import on
 CPU torch. timm's ViT itself never calls torchvision, so where the real torchvision is missing
-this test installs an empty stand-in module *for this test only* before importing timm.
+`models.timm_compat.import_timm` installs an empty stand-in module before importing timm.
 If timm itself is not installed (it is an optional extra), the test skips and says so; under
 VITBUDGET_REQUIRE_ANCHORS=1 (CI) it fails instead.
 """
 from __future__ import annotations
-
-import enum
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
@@ -21,58 +14,18 @@ import torch
 from conftest import REFERENCE_MODEL, make_model, missing_anchor, requires_reference
 from vitbudget import ConfigError, from_timm, load_model, run
 from vitbudget.models import NAMED_CONFIGS, VisionTransformer, ViTConfig
-
-
-class _Placeholder(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name == "InterpolationMode":
-            return enum.Enum("InterpolationMode", {m: m.lower() for m in ("NEAREST", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS")})
-        return type(name, (), {})
-
-
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path, target=None):
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = _Placeholder(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
+from vitbudget.models.timm_compat import import_timm, timm_available, timm_vit
 
 
 def _import_timm():
-    if importlib.util.find_spec("timm") is None:  # skips, or fails under VITBUDGET_REQUIRE_ANCHORS=1 (CI)
+    if not timm_available():  # skips, or fails under VITBUDGET_REQUIRE_ANCHORS=1 (CI)
         missing_anchor("timm is not installed (optional extra: pip install --no-deps timm==1.0.31 pyyaml huggingface_hub)")
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing or a CUDA build that cannot load here
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.meta_path.insert(0, _PlaceholderFinder())
-    import timm
-
-    return timm
+    return import_timm()
 
 
 def _timm_vit(timm, cfg: ViTConfig):
-    """timm's own class for `cfg`, built from its VisionTransformer keyword arguments."""
-    from functools import partial
-
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
-
-    kwargs = cfg.to_dict()
-    kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=kwargs.pop("norm_eps"))
-    assert kwargs.pop("patch_bias") is None  # timm derives it: no patch bias iff pre_norm
-    distilled = kwargs.pop("dist_token")
-    return (VisionTransformerDistilled if distilled else VisionTransformer)(**kwargs).eval()
+    """timm's own class for `cfg`."""
+    return timm_vit(cfg)
 
 
 @pytest.mark.parametrize(

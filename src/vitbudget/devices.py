@@ -28,3 +28,32 @@ def resolve_device(spec: str | torch.device) -> torch.device:
             raise ConfigError(f"device {str(spec)!r} needs Apple's MPS, which this machine or torch build lacks; use --device cpu")
         return device
     raise ConfigError(f"device {str(spec)!r} is not supported; use {SUPPORTED}")
+
+
+# -- reduced precision --------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'fp32', 'bf16' or 'fp16' as a torch dtype; ConfigError otherwise."""
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | str = torch.float32):
+    """Mixed precision for inference or training on `device`: matrix products in `dtype`, the rest as
+    torch's autocast rules say (softmax, norms and losses in float32); a no-op for float32.
+
+    The runtime keeps what could underflow in float32 itself (masked softmax with its ε terms,
+    explicit attention probabilities), so every method runs under it unchanged.
+    """
+    import contextlib
+
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("fp16 autocast is for GPUs; on the CPU use bf16")
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -11,10 +11,12 @@ from ..errors import VitbudgetError
 from . import bench, corrupt, counting, train, tune, viz
 from . import export as export_
 from . import eval as eval_
+from . import speed
 
 # subcommand name -> module; the order is the order of `vitbudget --help`
 COMMANDS = {"eval": eval_, "train": train, "bench": bench, "viz": viz, "corrupt": corrupt, "make-counting": counting, "export": export_}
 COMMANDS = {"tune": tune, **COMMANDS}  # the first command a new user with their own model runs
+COMMANDS["speed"] = speed
 
 
 class Parser(argparse.ArgumentParser):

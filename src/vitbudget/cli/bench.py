@@ -42,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     be.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
     be.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     be.add_argument("--no-speed", action="store_true", help="skip latency and throughput")
+    be.add_argument("--compile", action="store_true", help="run every method under torch.compile (inputs still checked eagerly; A-ViT with graph breaks)")
     be.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     be.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     be.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
@@ -92,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         indices = subset_indices(len(dataset), args.limit)
         result = run_suite(entries, model_path, dataset, indices, seeds=list(range(args.seeds)), batch_size=args.batch_size,
                            workers=args.workers, device=args.device, speed=not args.no_speed, progress=not args.quiet,
-                           latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
+                           latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats,
+                           compile=args.compile)
         results[split] = {**result, "classes": dataset.classes, "labels": label_source(dataset)}
         if not main:
             continue

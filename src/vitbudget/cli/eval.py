@@ -46,6 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument("--method", action="append", default=None, type=method_name, metavar="NAME",
                     help=method_help("method to evaluate; repeat for several (the baseline is always included)"))
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
+    ev.add_argument("--compile", action="store_true", help="run every method under torch.compile (inputs still checked eagerly; A-ViT with graph breaks)")
     ev.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     ev.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
@@ -82,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
         methods = {name: load_method(model_path, name, **method_options(args, name)).to(args.device) for name in names}
     else:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
+    if args.compile:
+        from ..methods.compiled import compile_method
+
+        methods = {name: compile_method(method) for name, method in methods.items()}
 
     with distributed.local_main_first():  # one unpack of an archive per machine
         dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)

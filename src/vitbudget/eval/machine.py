@@ -36,3 +36,14 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
 
 def describe_machine(info: dict[str, object]) -> str:
     return f"{info.get('gpu') or info['cpu']}, {info['cores']} cores, torch {info['torch']}"
+
+
+def attention_backend(device: torch.device | str = "cpu") -> str:
+    """Which scaled_dot_product_attention kernels torch may pick on `device` (it picks per call by shape and dtype)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"torch SDPA on {device.type} (fused CPU kernel where no probabilities are needed)"
+    cuda = torch.backends.cuda
+    enabled = [name for name, on in (("flash", cuda.flash_sdp_enabled()), ("memory-efficient", cuda.mem_efficient_sdp_enabled()),
+                                     ("cuDNN", cuda.cudnn_sdp_enabled()), ("math", cuda.math_sdp_enabled())) if on]
+    return "torch SDPA, enabled kernels: " + ", ".join(enabled)

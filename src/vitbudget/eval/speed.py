@@ -51,6 +51,16 @@ def speed_report(times: dict[str, list[float]], batch: int, baseline: str | None
             "repeats": len(ts),
         }
         if baseline is not None and baseline in times:
-            entry["time_ratio"] = statistics.median(t / b for t, b in zip(ts, times[baseline]))
+            entry["time_ratio"] = paired_ratio(ts, times[baseline])
         report[name] = entry
     return report
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of time / reference time (rounds were interleaved, so each pair shares its load)."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
+
+
+def fraction_of_ideal(speedup: float, rel_flops: float) -> float:
+    """How much of the FLOPs saving became wall-clock: measured speed-up / ideal speed-up (1 / rel. FLOPs)."""
+    return speedup * rel_flops

@@ -24,6 +24,7 @@ from .. import distributed
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..methods import load_method, make_options
+from ..methods.compiled import compile_method
 from . import metrics
 from ..runtime.cost import dense_macs
 from .evaluate import measure_speed, predict
@@ -142,9 +143,11 @@ def check_suite_classes(entries: Sequence[SuiteEntry], model_path: str | os.Path
 def run_suite(
     entries: Sequence[SuiteEntry], model_path: str | os.PathLike, dataset, indices: Sequence[int], *, seeds: Sequence[int] = (0,),
     batch_size: int = 256, workers: int | None = None, device: str = "cpu", speed: bool = True, progress: bool = True,
-    latency_repeats: int = 50, throughput_repeats: int = 10,
+    latency_repeats: int = 50, throughput_repeats: int = 10, compile: bool = False,
 ) -> dict[str, Any]:
     """Every entry on the same images; the first entry is the reference for ratios and tests.
+
+    compile: run every method under torch.compile (`methods.compiled`), predictions and speed.
 
     A feature extractor (no head) has no labels to score: each row reports the cosine similarity
     of its pooled features to the reference entry's (seed 0), per image, averaged; p-values and
@@ -165,6 +168,8 @@ def run_suite(
         for seed in seeds if entry.seeded else seeds[:1]:
             options = {**entry.options, **({"seed": seed} if entry.seeded else {})}
             method = load_method(entry.model or model_path, entry.method, **options).to(device)
+            if compile:
+                method = compile_method(method)
             pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=f"{entry.label} s{seed}")
             summary = pred.summary(dense_macs(method.base_cfg))
             if pred.features:

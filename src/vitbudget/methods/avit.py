@@ -291,7 +291,6 @@ class AViT(Method):
         if images.shape[0] == 1 and images.device.type == "cpu" and not torch.is_grad_enabled():
             return self._forward_single_cpu(images)
         model, depth, threshold = self.model, self.depth, 1.0 - self.options.eps
-        gamma, beta = self.options.gamma, self.options.beta
         x = model.embed(images)
         B, N, D = x.shape
         position = torch.arange(N, device=x.device).expand(B, N)
@@ -316,7 +315,7 @@ class AViT(Method):
                 break
             # In place and few ops: at batch 1 each small op costs ~10 us, a block ~1 ms.
             # `c` and `acc`/`R` are this loop's own tensors (made here, by compact or by selection).
-            h = out[..., 0].mul(gamma).sub_(beta).sigmoid_()
+            h = self.block_scores(out, i, active, state.extras["avit_pos"])
             c = state.extras["avit_c"].add_(h)  # padding holds -inf (below), so it never halts
             if float(c.max()) < threshold:  # the common case: nothing halts, only the CLS sum moves
                 acc.addcmul_(cls, h[:, :1])
@@ -356,7 +355,6 @@ class AViT(Method):
         float32 sums are the same IEEE operations, so halting decisions are identical.
         """
         model, depth, threshold = self.model, self.depth, np.float32(1.0 - self.options.eps)
-        gamma, beta = self.options.gamma, self.options.beta
         x = model.embed(images)
         N = x.shape[1]
         state = TokenState.initial(x, model.num_prefix_tokens)
@@ -373,8 +371,7 @@ class AViT(Method):
                 record.aux["avit_last"] = (state, None)
                 acc.add_(cls, alpha=float(R))
                 break
-            z = state.x[0, :, 0].numpy() * np.float32(gamma) - np.float32(beta)
-            h = torch.sigmoid(torch.from_numpy(z)).numpy()
+            h = self.single_scores(state.x, i, pos)
             c += h
             halted = c >= threshold
             if halted[0]:  # CLS halts: it contributes its remainder and the image is done
@@ -394,6 +391,17 @@ class AViT(Method):
                                    num_prefix=state.num_prefix)
         record.aux["avit_trace"] = (trace, N)
         return self._finish(acc[None], record)
+
+    # -- halting scores of the removing path (`HaltingReplay` scripts them) --
+    def block_scores(self, out: Tensor, index: int, active: Tensor | None, positions: Tensor) -> Tensor:
+        """(B', W) halting scores after block `index` of the images still running (`active`, None =
+        all) for tokens at original `positions`; in place on a fresh tensor, few ops (batch-1 cost)."""
+        return out[..., 0].mul(self.options.gamma).sub_(self.options.beta).sigmoid_()
+
+    def single_scores(self, x: Tensor, index: int, positions: np.ndarray) -> np.ndarray:
+        """`block_scores` of the one-image CPU path, as a float32 NumPy row (same IEEE operations)."""
+        z = x[0, :, 0].numpy() * np.float32(self.options.gamma) - np.float32(self.options.beta)
+        return torch.sigmoid(torch.from_numpy(z)).numpy()
 
     def _run_subbatch(self, block: nn.Module, index: int, state: TokenState, active: Tensor, record: ExecutionRecord) -> TokenState:
         """Run a block on the images still in the batch; record per-image counts for the full batch."""
@@ -438,6 +446,56 @@ class AViT(Method):
         depth = halting_depth(out.record)
         p = self.model.num_prefix_tokens
         return TokenMap(values=depth[:, p:].float().cpu(), label="blocks executed (halting depth)", vmin=1.0, vmax=float(self.depth))
+
+
+class HaltingReplay(AViT):
+    """A-ViT's removing inference with a scripted halting profile instead of learned scores: for speed.
+
+    A-ViT's speed depends on where tokens halt, which a trained backbone decides. To time it on
+    any backbone (random init included), this replays a profile: `depths` (B, N) gives, for each
+    image of a batch of B and each original token (prefix first), the number of blocks it runs;
+    the score is 1 in its last block and 0 before, so it halts exactly there. Everything else
+    (removal, compaction, packing, finished images leaving the batch) is A-ViT's own loop.
+    Draw profiles with `draw_halting_depths`. Its logits mean nothing; its token counts and time do.
+    """
+
+    name = "avit"
+
+    def __init__(self, model: nn.Module, options: AViTOptions, depths: Tensor):
+        super().__init__(model, options)
+        self.set_depths(depths)
+
+    def set_depths(self, depths: Tensor) -> None:
+        n = self.model.cfg.num_patches + self.model.num_prefix_tokens
+        if depths.dim() != 2 or depths.shape[1] != n:
+            raise ConfigError(f"a halting profile needs (batch, {n}) depths, got {tuple(depths.shape)}")
+        if int(depths.min()) < 1 or int(depths.max()) > self.depth:
+            raise ConfigError(f"halting depths must lie in [1, {self.depth}] blocks")
+        self.depths = depths.long()
+        self._single = self.depths[0].numpy() if self.depths.shape[0] == 1 else None
+
+    def forward(self, images: Tensor) -> RunOutput:
+        if images.shape[0] != self.depths.shape[0]:
+            raise ConfigError(f"the halting profile is for batches of {self.depths.shape[0]}, got {images.shape[0]} images")
+        return self.forward_removing(images)
+
+    def block_scores(self, out: Tensor, index: int, active: Tensor | None, positions: Tensor) -> Tensor:
+        depths = self.depths.to(out.device)
+        rows = depths if active is None else depths.index_select(0, active)
+        return (rows.gather(1, positions) == index + 1).to(out.dtype)
+
+    def single_scores(self, x: Tensor, index: int, positions: np.ndarray) -> np.ndarray:
+        return (self._single[positions] == index + 1).astype(np.float32)
+
+
+def draw_halting_depths(batch: int, tokens: int, depth: int, mean: float, std: float, seed: int = 0) -> Tensor:
+    """(batch, tokens) halting depths: every patch token's depth drawn i.i.d. from N(mean, std),
+    rounded and clipped to [1, depth]; the prefix (CLS, first column) runs all `depth` blocks, as
+    the readout needs it to the end. Per-image mean depths then vary as a sample of `tokens - 1`."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.randn(batch, tokens, generator=g, dtype=torch.float64) * std + mean).round().clamp(1, depth).long()
+    d[:, 0] = depth
+    return d
 
 
 register("avit", lambda model, opts: AViT(model, opts), AViTOptions,

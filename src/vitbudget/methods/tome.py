@@ -30,6 +30,7 @@ tokens is a ConfigError; later blocks merge at most half of what is left.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -60,39 +61,56 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenSta
     image (the A x B similarity product).
     """
     p = state.num_prefix
-    size = state.size if state.size is not None else torch.ones(state.x.shape[:2], dtype=state.x.dtype, device=state.x.device)
+    x = state.x
+    size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    pa, pb = (p + 1) // 2, p // 2  # prefix tokens at even (A) and odd (B) positions
     with torch.no_grad():  # the matching is a discrete choice, as in the reference
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         a_m, b_m = m[:, ::2], m[:, 1::2]
-        scores = a_m @ b_m.transpose(1, 2)  # (B, Na, Nb)
-        pa, pb = (p + 1) // 2, p // 2  # prefix tokens at even (A) and odd (B) positions
-        if p:
-            protected = torch.zeros(scores.shape[1:], dtype=torch.bool, device=scores.device)
-            protected[:pa] = True
-            protected[:, :pb] = True
-            scores = scores.masked_fill(protected, float("-inf"))
+        scores = a_m @ b_m.transpose(1, 2)  # (B, Na, Nb), a fresh tensor: protect in place
+        if pa:
+            scores[:, :pa] = float("-inf")
+        if pb:
+            scores[:, :, :pb] = float("-inf")
         node_max, node_idx = scores.max(dim=-1)
         order = node_max.argsort(dim=-1, descending=True)
         src = order[:, :r]  # A tokens merged away
         unm = order[:, r:]  # A tokens kept
         if p:  # the reference sorts them when there is a class token, so that it stays first
             unm = unm.sort(dim=-1).values[:, pa:]  # protected A tokens sort first: drop them here
-        dst = node_idx.gather(1, src)  # partners in B
+        # positions in the whole sequence (A = even, B = odd): one gather per tensor below, not three
+        src_pos, dst_pos = src * 2, node_idx.gather(1, src).mul_(2).add_(1)
+        prefix_pos, b_pos = _fixed_positions(x.shape[1], p, x.device)
+        keep = torch.cat([prefix_pos.expand(x.shape[0], -1), unm * 2, b_pos.expand(x.shape[0], -1)], dim=1)
 
-    def take(t: Tensor, idx: Tensor) -> Tensor:
-        return t.gather(1, idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
-
-    weighted = state.x * size[..., None]
-    xa, xb, sa, sb = weighted[:, ::2], weighted[:, 1::2], size[:, ::2], size[:, 1::2]
-    d = xb.shape[-1]
-    xb = xb.scatter_add(1, dst[..., None].expand(-1, -1, d), take(xa, src))
-    sb = sb.scatter_add(1, dst, take(sa, src))
-    ids_a, ids_b = state.patch_ids[:, ::2], state.patch_ids[:, 1::2]
-    new_size = torch.cat([size[:, :p], take(sa, unm), sb[:, pb:]], 1)
-    new_x = torch.cat([state.x[:, :p], take(xa, unm) / take(sa, unm)[..., None], xb[:, pb:] / sb[:, pb:, None]], 1)
-    new_ids = torch.cat([state.patch_ids[:, :p], take(ids_a, unm), ids_b[:, pb:]], 1)
-    new = state.replace(x=new_x, size=new_size, patch_ids=new_ids, extras={})
+    # size-weighted sums: B partners receive their A sources' x * size and size (scatter-add), then
+    # every kept token is divided by its size: (x * s) / s for untouched tokens, as the reference
+    d = x.shape[-1]
+    weighted = x * size[..., None]
+    weighted = weighted.scatter_add(1, dst_pos[..., None].expand(-1, -1, d), weighted.gather(1, src_pos[..., None].expand(-1, -1, d)))
+    size = size.scatter_add(1, dst_pos, size.gather(1, src_pos))
+    new_size = size.gather(1, keep)
+    new_x = weighted.gather(1, keep[..., None].expand(-1, -1, d)) / new_size[..., None]
+    if p:  # prefix tokens are never merged: exactly themselves, whatever their size
+        new_x[:, :p] = x[:, :p]
+    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={})
     return new, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
+
+
+def _fixed_positions(n: int, p: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(1, p) prefix positions and (1, Nb - p // 2) positions of the unprotected B tokens: the same for
+    every block of a given width, so built once rather than per block (fresh while tracing: a
+    cached tensor must never be a tracer's fake one)."""
+    if torch.compiler.is_compiling():
+        return _positions(n, p, device)
+    return _cached_positions(n, p, device)
+
+
+def _positions(n: int, p: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.arange(p, device=device)[None], torch.arange(p // 2 * 2 + 1, n, 2, device=device)[None]
+
+
+_cached_positions = functools.lru_cache(maxsize=64)(_positions)
 
 
 class ToMe(Method):

@@ -120,6 +120,7 @@ class VisionTransformer(nn.Module):
     #: embed() rejects NaN / inf input. The check reads the values (a host sync), which a traced
     #: program (torch.export, ONNX, torch.compile without graph breaks) cannot contain: tracing
     #: code turns it off with `unchecked_values` and checks eagerly, outside, with `check_input`.
+    #: Under torch.compile it is always left out of the graph (`methods.compiled` checks first).
     check_values: bool = True
 
     def __init__(self, cfg: ViTConfig):
@@ -170,7 +171,8 @@ class VisionTransformer(nn.Module):
         """Shape, channel and finiteness checks with messages a user can act on.
 
         The shape checks read only static sizes (safe under tracing); the finiteness check runs
-        when `values` is True, or by default when `self.check_values` is.
+        when `values` is True, or by default when `self.check_values` is, and never inside
+        torch.compile (a data-dependent branch breaks the graph; compiled callers check eagerly).
         """
         cfg = self.cfg
         if not isinstance(images, Tensor) or images.dim() != 4:
@@ -185,6 +187,8 @@ class VisionTransformer(nn.Module):
             )
         if not images.is_floating_point():
             raise InputError(f"expected a floating-point image tensor, got {images.dtype}")
+        if torch.compiler.is_compiling():
+            return
         if (self.check_values if values is None else values) and not bool(torch.isfinite(images).all()):
             raise InputError("input contains NaN or infinite values")
 

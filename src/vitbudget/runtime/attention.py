@@ -57,6 +57,9 @@ def multihead_attention(
     """
     num_heads = attn.num_heads
     qkv = attn.qkv(x)
+    dropout = attn.training and attn.attn_drop.p > 0  # the variable-length kernel has no attention dropout
+    if packing is not None and bias is None and policy is None and not (need_probs or need_keys or dropout) and varlen_ready(qkv):
+        return _varlen_attention(attn, qkv, packing), AttentionInfo()
     if packing is not None:
         qkv = packing.unpack(qkv)
     B, N, _ = qkv.shape
@@ -70,12 +73,14 @@ def multihead_attention(
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if full_bias is not None:
             logits = logits.masked_fill(~full_bias, float("-inf")) if full_bias.dtype == torch.bool else logits + full_bias
+        # probabilities in float32 whatever the compute dtype: under bf16 / fp16 autocast the
+        # masked softmax's eps terms (1e-6 / N) and small attention weights would underflow
         if policy is None:
-            probs = logits.softmax(dim=-1)
+            probs = logits.float().softmax(dim=-1)
         else:
-            probs = _policy_softmax(logits, policy)
+            probs = _policy_softmax(logits.float(), policy)
         info.probs = probs
-        out = attn.attn_drop(probs) @ v
+        out = attn.attn_drop(probs).to(v.dtype) @ v
     else:
         dropout_p = attn.attn_drop.p if attn.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias, dropout_p=dropout_p)
@@ -87,6 +92,58 @@ def multihead_attention(
     if norm is not None:
         out = norm(out)
     return attn.proj_drop(attn.proj(out)), info
+
+
+# -- packed variable-length attention (CUDA) -----------------------------------------------------
+#: Use `torch.nn.attention.varlen.varlen_attn` (flash, CUDA, fp16 / bf16) for packed batches instead
+#: of padding them for SDPA; `use_varlen(False)` turns it off (to compare the two).
+VARLEN = {"enabled": True}
+
+
+class use_varlen:
+    """Context manager: packed attention through the variable-length kernel (True) or padded SDPA (False)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.saved = enabled, None
+
+    def __enter__(self):
+        self.saved, VARLEN["enabled"] = VARLEN["enabled"], self.enabled
+
+    def __exit__(self, *exc):
+        VARLEN["enabled"] = self.saved
+
+
+def varlen_ready(qkv: Tensor) -> bool:
+    """The variable-length flash kernel applies: CUDA, half precision, and this torch has it."""
+    if not (VARLEN["enabled"] and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_attention(attn: nn.Module, qkv: Tensor, packing: Packing) -> Tensor:
+    """Attention of packed (T, 3C) qkv rows, each image attending only to its own tokens; (T, C) after proj.
+
+    No padded layout, no mask: the kernel reads each image's rows from the cumulative offsets.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    num_heads = attn.num_heads
+    T = qkv.shape[0]
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    q, k, v = qkv.reshape(T, 3, num_heads, head_dim).unbind(1)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    cu = packing.cu_seqlens()
+    q, k, v = (t.to(qkv.dtype).contiguous() for t in (q, k, v))
+    out = varlen_attn(q, k, v, cu, cu, packing.width, packing.width, scale=attn.scale)
+    out = out.reshape(T, num_heads * head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    return attn.proj_drop(attn.proj(out))
 
 
 def _policy_softmax(logits: Tensor, policy: Tensor) -> Tensor:

@@ -67,14 +67,27 @@ class ExecutionRecord:
     attn_width: list[float] = field(default_factory=list)
     core_width: list[float] = field(default_factory=list)
     mlp_width: list[float] = field(default_factory=list)
-    extra_macs: Tensor | None = None
+    _tensor_macs: Tensor | None = field(default=None, repr=False)
+    _scalar_macs: float = field(default=0.0, repr=False)  # per-image MACs added as plain numbers (no op per block)
     aux: dict[str, Any] = field(default_factory=dict)
     _counts: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict, repr=False)
     _packings: dict[int, tuple[Tensor, Packing]] = field(default_factory=dict, repr=False)
 
     def add_macs(self, macs: Tensor | float) -> None:
+        """Add MACs per image: a number (the same for every image; summed in Python, no tensor op) or a (B,) tensor."""
+        if isinstance(macs, (int, float)):
+            self._scalar_macs += float(macs)
+            self._has_macs = True
+            return
         macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
-        self.extra_macs = macs.clone() if self.extra_macs is None else self.extra_macs + macs
+        self._tensor_macs = macs.clone() if self._tensor_macs is None else self._tensor_macs + macs
+
+    @property
+    def extra_macs(self) -> Tensor | None:
+        """(B,) float64 MACs the method added (scorers, predictors, extra blocks), or None if it added none."""
+        if self._tensor_macs is None:
+            return torch.full((self.batch_size,), self._scalar_macs, dtype=torch.float64) if self.__dict__.get("_has_macs") else None
+        return self._tensor_macs + self._scalar_macs if self._scalar_macs else self._tensor_macs
 
     def add_widths(self, attn: float, core: float, mlp: float) -> None:
         self.attn_width.append(attn)

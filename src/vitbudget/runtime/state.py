@@ -144,6 +144,15 @@ class Packing:
     def tokens_per_image(self) -> float:
         return self.rows.numel() / self.batch
 
+    def cu_seqlens(self) -> Tensor:
+        """(B + 1,) int32 offsets of each image's tokens among the T packed rows (rows are image-major),
+        as variable-length attention kernels take them; built once per packing."""
+        cached = self.__dict__.get("_cu_seqlens")
+        if cached is None:
+            counts = torch.bincount(torch.div(self.rows, self.width, rounding_mode="floor"), minlength=self.batch)
+            cached = self.__dict__["_cu_seqlens"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        return cached
+
     def pack(self, x: Tensor) -> Tensor:
         """(B, W, C) -> (T, C)."""
         return x.reshape(self.batch * self.width, -1).index_select(0, self.rows)
