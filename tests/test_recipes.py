@@ -26,7 +26,7 @@ def test_presets_keep_their_former_settings(name):
     """Every preset, now built from `scratch` / `finetune`, resolves to the recipe it was before (same results)."""
     now = json.loads(json.dumps(RECIPES[name].to_dict()))
     assert {k: now[k] for k in BEFORE[name]} == BEFORE[name]
-    assert set(now) - set(BEFORE[name]) == {"new_head"} and now["new_head"] is False
+    assert set(now) - set(BEFORE[name]) == {"new_head", "dtype"} and now["new_head"] is False and now["dtype"] == "fp32"
 
 
 def write_odd_folder(root: Path, per_class: int = 6, splits=("train", "val")) -> Path:

@@ -45,6 +45,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     ev.add_argument("--method", action="append", default=None, type=method_name, metavar="NAME",
                     help=method_help("method to evaluate; repeat for several (the baseline is always included)"))
+    ev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="fp32, or bf16 / fp16 autocast (fp16: GPUs only); softmax, norms and ε terms stay float32 (default fp32)")
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     ev.add_argument("--compile", action="store_true", help="run every method under torch.compile (inputs still checked eagerly; A-ViT with graph breaks)")
     ev.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
@@ -65,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, subset_indices
+    from ..devices import autocast
+
+    autocast(args.device, args.dtype)  # before any work: fp16 needs a GPU
     from ..data.stats import conversion_notes
     from ..eval.evaluate import evaluate, predictions_arrays
     from ..eval.machine import machine_info
@@ -96,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     indices = subset_indices(len(dataset), args.limit)
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, speed=not args.no_speed, progress=not args.quiet,
-                              latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats)
+                              latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats, dtype=args.dtype)
     processes = distributed.context().world
     if not distributed.context().main:
         return 0
@@ -107,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
                  "classes": dataset.classes, "labels": label_source(dataset)},
         "machine": machine_info(args.device),
         "processes": processes,  # speed, when timed, ran on rank 0 alone
+        "dtype": args.dtype,
         "methods": results,
     }
     table = results_table(results)

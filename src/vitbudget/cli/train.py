@@ -61,6 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help=method_help("train this method around the ViT (default: the recipe's); a stack trains its reducer"))
     tr.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
     tr.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
+    tr.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="mixed precision: bf16 / fp16 autocast (fp16 with a gradient scaler, GPUs only; default: the recipe's, fp32)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_method_option_flags(tr)
     return tr
@@ -87,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = dict(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_limit=args.train_limit,
         eval_limit=args.eval_limit, save_every_steps=args.save_every, freeze=args.freeze, lr_scales=lr_scales,
-        distill_weight=args.distill_weight, method=args.method,
+        distill_weight=args.distill_weight, method=args.method, dtype=args.dtype,
     )
     data = resolve_default(args.data, DEFAULT_DATA, "data")
     init = load_model(args.init) if args.init else None

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.loader import iterate, make_loader
-from ..devices import resolve_device
+from ..devices import autocast, resolve_device
 from ..methods.base import Method
 from . import metrics
 from ..runtime.cost import dense_macs, executed_macs_per_image, macs_per_image
@@ -44,7 +44,7 @@ class Predictions:
 @torch.inference_mode()
 def predict(
     method: Method, dataset, indices: Sequence[int], batch_size: int = 256, workers: int | None = None,
-    device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval",
+    device: torch.device | str = "cpu", progress: bool = True, desc: str = "eval", dtype: torch.dtype | str = torch.float32,
 ) -> Predictions:
     """Run `method` over dataset[indices] in order; collect logits, labels and per-image FLOPs.
 
@@ -59,7 +59,8 @@ def predict(
     pieces = []  # (batch number, logits, labels, macs, executed macs x images, token depth)
     bar = tqdm(total=sum(len(batch) for _, batch in mine), desc=desc, unit="img", disable=not progress or not distributed.context().main, leave=False)
     for (number, _), (images, targets) in zip(mine, iterate(loader)):
-        out = method(images.to(device))
+        with autocast(device, dtype):  # a no-op for float32
+            out = method(images.to(device))
         pieces.append((number, out.logits.float().cpu(), targets, macs_per_image(cfg, out.record),
                        executed_macs_per_image(cfg, out.record) * len(targets),
                        torch.stack(out.record.attn_tokens).sum(0).double().cpu() / tokens_in))
@@ -101,7 +102,7 @@ def measure_speed(
 def evaluate(
     methods: dict[str, Method], dataset, indices: Sequence[int], *, batch_size: int = 256, workers: int | None = None,
     device: torch.device | str = "cpu", speed: bool = True, progress: bool = True, baseline: str | None = None,
-    latency_repeats: int = 50, throughput_repeats: int = 10,
+    latency_repeats: int = 50, throughput_repeats: int = 10, dtype: torch.dtype | str = torch.float32,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Predictions]]:
     """Every method's metrics on the same images; speed ratios are against `baseline` (first method by default).
 
@@ -111,12 +112,14 @@ def evaluate(
     baseline = baseline or next(iter(methods))
     results, preds = {}, {}
     for name, method in methods.items():
-        pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=name)
+        pred = predict(method, dataset, indices, batch_size, workers, device, progress, desc=name, dtype=dtype)
         preds[name] = pred
         results[name] = {**method.describe(), **pred.summary(dense_macs(method.base_cfg))}
     if speed and distributed.context().main:
-        for name, entry in measure_speed(methods, dataset, indices, device, latency_repeats=latency_repeats,
-                                         throughput_repeats=throughput_repeats, baseline=baseline).items():
+        with autocast(device, dtype):
+            timed = measure_speed(methods, dataset, indices, device, latency_repeats=latency_repeats,
+                                  throughput_repeats=throughput_repeats, baseline=baseline)
+        for name, entry in timed.items():
             results[name].update(entry)
     if baseline in preds and preds[baseline].features:  # no labels to score: similarity to the baseline's features
         for name, pred in preds.items():

@@ -47,6 +47,7 @@ class Recipe:
     method: str = "baseline"
     method_options: dict[str, Any] = field(default_factory=dict)
     new_head: bool = False  # fine-tuning: a fresh head when the checkpoint's classes differ from the data's (or it has none)
+    dtype: str = "fp32"  # 'bf16' / 'fp16': autocast mixed precision (fp16 with a gradient scaler, GPUs only)
 
     def __post_init__(self) -> None:
         if not (self.epochs > 0 and self.batch_size > 0 and self.lr > 0):  # also false for NaN
@@ -57,6 +58,8 @@ class Recipe:
             raise ConfigError(f"save_every_steps must be positive and seed >= 0, got {self.save_every_steps} and {self.seed}")
         if self.augment not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; use one of {', '.join(AUGMENTATIONS)}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of fp32, bf16, fp16")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("a recipe gives both mean and std, or neither (computed from the training split)")
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import EvalTransform, ImageFolder, PadCropFlip, epoch_order, iterate, make_loader, resolve_split_dir, subset_indices
 from ..data.stats import STATS_SAMPLE, channel_mean_std, conversion_notes
-from ..devices import resolve_device
+from ..devices import autocast, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..eval.evaluate import predict
 from ..runtime.cost import dense_macs
@@ -159,6 +159,10 @@ class Trainer:
         if recipe.distill_weight and self.teacher is None:
             raise ConfigError("the recipe sets distill_weight but no teacher model was given")
         self.optimizer = make_optimizer(self.method, recipe)  # freezes parameters: before DDP looks at them
+        self.autocast = lambda: autocast(self.device, recipe.dtype)  # checks now: fp16 on a CPU is a ConfigError
+        self.autocast()
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.dtype == "fp16")
         self.train_step = TrainStep(self.method, self.teacher, recipe)
         self.step_fn: nn.Module = self.train_step
         if self.dist.world > 1:
@@ -191,7 +195,7 @@ class Trainer:
         state = {
             "step": self.step, "recipe": self.recipe.to_dict(), "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(), **rng_state(), "log": self.log, "elapsed": self.elapsed,
-            "world_size": self.dist.world,
+            "world_size": self.dist.world, "scaler": self.scaler.state_dict(),
         }
         if rank_rng is not None:
             state["rank_rng"] = rank_rng
@@ -215,6 +219,8 @@ class Trainer:
             raise CheckpointError(f"{str(self.state_path)!r} was written by a different recipe (differs in {', '.join(changed)}); use another --out or delete it")
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state)
         if "rank_rng" in state:
             distributed.set_rng_states(state["rank_rng"][self.dist.rank])
@@ -240,7 +246,8 @@ class Trainer:
 
     def evaluate(self, limit: int | None) -> dict[str, float]:
         indices = subset_indices(len(self.test_set), limit, seed=0)
-        pred = predict(self.method, self.test_set, indices, batch_size=256, workers=self.workers, device=self.device, progress=False)
+        pred = predict(self.method, self.test_set, indices, batch_size=256, workers=self.workers, device=self.device, progress=False,
+                       dtype=self.recipe.dtype)
         self.method.train()
         return {**pred.summary(dense_macs(self.method.base_cfg)), "eval_images": len(indices)}
 
@@ -260,12 +267,15 @@ class Trainer:
             for images, targets in iterate(loader):
                 images, targets = images.to(self.device), targets.to(self.device)
                 set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.steps_per_epoch, recipe))
-                loss, parts = self.loss(images, targets)
+                with self.autocast():
+                    loss, parts = self.loss(images, targets)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 if recipe.clip_grad:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
                     nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], recipe.clip_grad)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # skips a step whose fp16 gradients overflowed
+                self.scaler.update()
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")

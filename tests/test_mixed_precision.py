@@ -1,0 +1,82 @@
+"""Mixed precision (bf16 autocast) in evaluation and training, on the CPU; fp16 is refused there.
+
+The CUDA module (tests/test_cuda.py) checks fp16 / bf16 against float32 on a GPU; these tests
+pin that the dtype really reaches the matrix products on any machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_model
+from vitbudget import ConfigError, load_model
+from vitbudget.eval.evaluate import predict
+from vitbudget.methods import build_method
+from vitbudget.train import Trainer, get_recipe
+
+SMOKE = dict(train_limit=None, eval_limit=None, final_eval_limit=None, epochs=1, batch_size=8, save_every_steps=100)
+
+
+def linear_output_dtypes(model) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    return seen
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12, size: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, size, size, generator=g), torch.arange(n) % 10
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("name, options", [("baseline", {}), ("evit", {"rho": 0.7, "stages": "1"}), ("tome", {"r": 2})])
+def test_bf16_evaluation_runs_the_products_in_bf16_and_stays_close(name, options):
+    model = make_model()
+    data, indices = Images(), list(range(12))
+    full = predict(build_method(name, model, **options), data, indices, batch_size=4, workers=0, progress=False)
+    seen = linear_output_dtypes(model)
+    half = predict(build_method(name, model, **options), data, indices, batch_size=4, workers=0, progress=False, dtype="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    assert half.logits.dtype == torch.float32
+    assert not torch.equal(half.logits, full.logits)
+    assert torch.allclose(half.logits, full.logits, atol=0.1, rtol=0.05)
+
+
+def test_fp16_is_refused_on_the_cpu(tmp_path, image_folder):
+    with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
+        predict(build_method("baseline", make_model()), Images(), [0, 1], workers=0, progress=False, dtype="fp16")
+    with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
+        Trainer(get_recipe("smoke", **SMOKE, dtype="fp16"), image_folder, tmp_path / "run", workers=0, progress=False)
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        get_recipe("smoke", dtype="fp8")
+
+
+def test_bf16_training_runs_in_bf16_and_learns_other_weights(tmp_path, image_folder):
+    full = Trainer(get_recipe("smoke", **SMOKE), image_folder, tmp_path / "fp32", workers=0, progress=False).fit()
+    trainer = Trainer(get_recipe("smoke", **SMOKE, dtype="bf16"), image_folder, tmp_path / "bf16", workers=0, progress=False)
+    seen = linear_output_dtypes(trainer.model)
+    half = trainer.fit()
+    assert torch.bfloat16 in seen
+    a, b = load_model(full.model_path).state_dict(), load_model(half.model_path).state_dict()
+    assert all(v.dtype == torch.float32 for v in b.values())  # master weights stay float32
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert abs(half.log[-1]["train_loss"] - full.log[-1]["train_loss"]) < 0.2
+
+
+def test_cli_dtype_flags(tmp_path, capsys):
+    from vitbudget.cli import main
+
+    assert main(["eval", "--dtype", "fp16", "--no-speed", "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vitbudget: error: fp16 autocast is for GPUs") and err.count("\n") == 1
+    assert not (tmp_path / "e").exists()  # refused before any work
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--recipe", "smoke", "--dtype", "fp8", "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
