@@ -64,11 +64,6 @@ def method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None and k[4:] in fields}
 
 
-def check_repeats(args: argparse.Namespace) -> None:
-    if args.latency_repeats <= 0 or args.throughput_repeats <= 0:
-        raise ConfigError(f"--latency-repeats and --throughput-repeats must be positive, got {args.latency_repeats}, {args.throughput_repeats}")
-
-
 # -- argparse `type=` functions: one clear line per bad value --
 def bounded(kind: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
     """An argparse `type=`: `kind(text)` where `ok` holds, else one line saying `what` was expected."""

@@ -89,6 +89,7 @@ class ABS(Method):
             raise ConfigError("--score attnvar needs a class token (it reads CLS-to-token attention); this model has none")
         if options.score == "entropy" and cfg.depth < 2:
             raise ConfigError("--score entropy reads the penultimate block; the model needs depth >= 2")
+        self.drawn: Tensor | None = None  # random scorer: this run's per-image draw (`per_image_draw`), else None
         self.block = copy.deepcopy(model.blocks[-1])  # a submodule: a tuned variant can train it
         self.hidden = options.hidden or cfg.embed_dim
         self.head_classes = cfg.num_classes or cfg.embed_dim  # a headless backbone: embed_dim random outputs
@@ -116,15 +117,14 @@ class ABS(Method):
     @contextlib.contextmanager
     def per_image_draw(self, images: Tensor) -> Iterator[None]:
         """Random scorer: this batch's per-image draw, read by `begin` (and a stack), for one run only."""
-        self._drawn = self.random_scores(images) if self.k > 0 and self.options.score == "random" else None
+        self.drawn = self.random_scores(images) if self.k > 0 and self.options.score == "random" else None
         try:
             yield
         finally:
-            self._drawn = None
+            self.drawn = None
 
     def begin(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> TokenState:
-        drawn = getattr(self, "_drawn", None)
-        return state if drawn is None else state.replace(extras={**state.extras, "abs_score": drawn})
+        return state if self.drawn is None else state.replace(extras={**state.extras, "abs_score": self.drawn})
 
     def random_scores(self, images: Tensor) -> Tensor:
         """(B, N) uniform-looking scores in [0, 1), drawn per image: the paper's Random row is a per-image choice.

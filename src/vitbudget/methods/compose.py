@@ -192,7 +192,7 @@ class Stack(Method):
         if self.refiner.options.score != "random":
             return self.refiner.scores(state).float()
         p = state.num_prefix
-        draw = self.refiner._drawn.float()  # (B, P): one value per original patch (`ABS.per_image_draw`)
+        draw = self.refiner.drawn.float()  # (B, P): one value per original patch (`ABS.per_image_draw`)
         ids = state.patch_ids[:, p:]
         return torch.where(ids >= 0, draw.gather(1, ids.clamp(min=0)), torch.full_like(ids, float("-inf"), dtype=draw.dtype))
 
@@ -210,8 +210,8 @@ class Stack(Method):
         x = last_state.x.clone()
         x[:, 0] = readout.index_select(0, rows)  # the halting-weighted CLS takes the CLS slot
         tokens = TokenState(x=x, patch_ids=last_state.patch_ids, num_prefix=last_state.num_prefix, key_mask=last_state.key_mask)
-        if self.refiner._drawn is not None:  # the random draw of the images still running
-            self.refiner._drawn = self.refiner._drawn.index_select(0, rows)
+        if self.refiner.drawn is not None:  # the random draw of the images still running
+            self.refiner.drawn = self.refiner.drawn.index_select(0, rows)
         tokens = self._take_scores(tokens, self.refiner.after_block(self.model.cfg.depth - 2, tokens, AttentionInfo(), record), record)
         refined, macs, grid = self.refine(tokens, record)
         rows_cpu = rows.cpu()

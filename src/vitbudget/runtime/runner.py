@@ -68,7 +68,7 @@ class ExecutionRecord:
     core_width: list[float] = field(default_factory=list)
     mlp_width: list[float] = field(default_factory=list)
     _tensor_macs: Tensor | None = field(default=None, repr=False)
-    _scalar_macs: float = field(default=0.0, repr=False)  # per-image MACs added as plain numbers (no op per block)
+    _scalar_macs: float | None = field(default=None, repr=False)  # per-image MACs added as plain numbers (no op per block)
     aux: dict[str, Any] = field(default_factory=dict)
     _counts: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict, repr=False)
     _packings: dict[int, tuple[Tensor, Packing]] = field(default_factory=dict, repr=False)
@@ -76,8 +76,7 @@ class ExecutionRecord:
     def add_macs(self, macs: Tensor | float) -> None:
         """Add MACs per image: a number (the same for every image; summed in Python, no tensor op) or a (B,) tensor."""
         if isinstance(macs, (int, float)):
-            self._scalar_macs += float(macs)
-            self._has_macs = True
+            self._scalar_macs = (self._scalar_macs or 0.0) + float(macs)
             return
         macs = torch.as_tensor(macs, dtype=torch.float64).expand(self.batch_size).cpu()
         self._tensor_macs = macs.clone() if self._tensor_macs is None else self._tensor_macs + macs
@@ -86,8 +85,8 @@ class ExecutionRecord:
     def extra_macs(self) -> Tensor | None:
         """(B,) float64 MACs the method added (scorers, predictors, extra blocks), or None if it added none."""
         if self._tensor_macs is None:
-            return torch.full((self.batch_size,), self._scalar_macs, dtype=torch.float64) if self.__dict__.get("_has_macs") else None
-        return self._tensor_macs + self._scalar_macs if self._scalar_macs else self._tensor_macs
+            return None if self._scalar_macs is None else torch.full((self.batch_size,), self._scalar_macs, dtype=torch.float64)
+        return self._tensor_macs if self._scalar_macs is None else self._tensor_macs + self._scalar_macs
 
     def add_widths(self, attn: float, core: float, mlp: float) -> None:
         self.attn_width.append(attn)
