@@ -112,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
     if options:
         recipe = recipe.replace(method_options={**recipe.method_options, **options})
     if init is not None:
+        size = recipe.arch.get("img_size")  # a preset that fine-tunes at its own resolution
+        if args.recipe not in GENERIC and size and size != init.cfg.img_size:
+            notes.append(f"note: recipe {recipe.name!r} runs at {size} px: the checkpoint's position embeddings resampled from {init.cfg.img_size} px")
+            init.set_input_size(size)
         recipe = recipe.replace(arch=init.cfg.to_dict())
     teacher = load_model(args.teacher) if args.teacher else None
     if teacher is not None and not recipe.distill_weight:
