@@ -54,8 +54,13 @@ def resolve_default(value: str | None, relative: str, what: str) -> str:
     if value is not None:
         return value
     path = default_path(relative)
+    if path is None and what == "data":  # outside the repository: CIFAR-10 from its official source
+        print("vitbudget: note: no shared/ folder found: the default data is CIFAR-10, downloaded once into the cache (--data cifar10)",
+              file=sys.stderr)
+        return "cifar10"
     if path is None:
-        raise ConfigError(f"no --{what} given and no shared/ directory found (set VITBUDGET_SHARED)")
+        raise ConfigError(f"no --{what} given and no shared/ directory found: pass --{what} (a file, a Hugging Face directory "
+                          f"or hf-hub:ORG/NAME), or set VITBUDGET_SHARED")
     return path
 
 

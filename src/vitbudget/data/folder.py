@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .archive import is_archive, unpack
+from .download import SOURCES, named_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -70,6 +71,8 @@ def find_split(root: Path, split: str | None) -> Path:
 
 def resolve_split_dir(path: str | os.PathLike, split: str | None) -> Path:
     path = Path(path)
+    if not path.exists() and str(path) in SOURCES:  # a known name: fetched from its official source
+        path = named_dataset(str(path))
     if not path.exists():
         raise DataError(f"dataset {str(path)!r} not found")
     if is_archive(path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..models.hub import is_hub_id
 from ..models.loading import load_model, load_state_dict_strict, read_sidecar, save_model, sidecar_path
 from .base import Method
 from .registry import build_method, get_spec
@@ -50,7 +51,8 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     A stack and its reducer share their trained part: a `spot` checkpoint loads as `spot+abs`
     (with its options) and a `spot+abs` checkpoint as `spot`.
     """
-    meta = {} if Path(path).is_dir() else read_sidecar(sidecar_path(path))  # a Hugging Face directory holds no method
+    # a Hugging Face directory or hub id holds no method
+    meta = {} if is_hub_id(path) or Path(path).is_dir() else read_sidecar(sidecar_path(path))
     saved = meta.get("method") or {"name": "baseline", "options": {}}
     name = name or saved["name"]
     relation = _relation(name, saved["name"])

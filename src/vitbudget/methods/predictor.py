@@ -32,10 +32,15 @@ COLUMN_EXTRAS_SUFFIX = "@cols"
 
 
 # -- options helpers ---------------------------------------------------------------------------
-def parse_stages(text: str, flag: str = "--stages") -> tuple[int, ...]:
-    """'3,6,9' -> (3, 6, 9); non-negative, strictly increasing, at least one."""
+def parse_stages(text: str | Sequence[int], flag: str = "--stages") -> tuple[int, ...]:
+    """'3,6,9' or (3, 6, 9) (from Python) -> (3, 6, 9); non-negative, strictly increasing, at least one."""
     try:
-        stages = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s != "")
+        if isinstance(text, (list, tuple)):
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in text):
+                raise ValueError
+            stages = tuple(text)
+        else:
+            stages = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s != "")
     except ValueError:
         raise ConfigError(f"{flag} takes comma-separated block indices like '3,6,9', got {text!r}") from None
     if not stages:

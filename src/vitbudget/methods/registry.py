@@ -60,5 +60,9 @@ def get_spec(name: str) -> MethodSpec:
 
 
 def build_method(name: str, model: nn.Module, **options: Any) -> Method:
-    """`build_method('baseline', model)`: the named method wrapped around a loaded ViT."""
-    return get_spec(name).build(model, make_options(name, options))
+    """`build_method('baseline', model)`: the named method wrapped around a loaded ViT, in eval mode.
+
+    Eval mode, like a loaded model: a method's training path (soft masks, Gumbel noise, dense
+    halting) is what `train` asks for with `.train()`, never what a user gets by default.
+    """
+    return get_spec(name).build(model, make_options(name, options)).eval()

@@ -14,6 +14,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import OutputDir, write_json
 from .config import ModelInfo, Preprocess, ViTConfig, named_config
 from .hf import from_hf, is_hf_model, load_hf_directory
+from .hub import fetch, is_hub_id, timm_architecture
 from .vit import VisionTransformer
 
 SIDECAR_FORMAT = "vitbudget.checkpoint/1"
@@ -117,6 +118,14 @@ def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any)
     """
     if is_hf_model(source):
         return from_hf(source, **_hf_overrides(config_overrides))
+    if is_hub_id(source):  # hf-hub:ORG/NAME through huggingface_hub's cache (offline mode honoured)
+        directory = fetch(source)
+        timm_arch = timm_architecture(directory)
+        if timm_arch is None:
+            return load_model(directory, arch=arch, **config_overrides)
+        config = json.loads((directory / "config.json").read_text())
+        overrides = {"num_classes": config["num_classes"], **config_overrides} if isinstance(config.get("num_classes"), int) else config_overrides
+        return load_model(directory / "model.safetensors", arch=arch or timm_arch.split(".")[0], **overrides)
     if isinstance(source, nn.Module):
         return from_timm(source)
     path = Path(source)

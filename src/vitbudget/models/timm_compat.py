@@ -25,7 +25,7 @@ class _Placeholder(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         if name == "InterpolationMode":
-            return enum.Enum("InterpolationMode", {m: m.lower() for m in ("NEAREST", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS")})
+            return enum.Enum("InterpolationMode", {m: m.lower() for m in ("NEAREST", "NEAREST_EXACT", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "LANCZOS")})
         return type(name, (), {})
 
 
@@ -55,13 +55,24 @@ def import_timm():
     try:
         import torchvision  # noqa: F401
     except Exception:  # noqa: BLE001 - missing, or a CUDA build that cannot load here
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        if not any(isinstance(f, _PlaceholderFinder) for f in sys.meta_path):
-            sys.meta_path.insert(0, _PlaceholderFinder())
+        _drop_torchvision_modules()
+        finder = _PlaceholderFinder()
+        sys.meta_path.insert(0, finder)
+        try:
+            import timm
+        finally:
+            # timm keeps the stand-ins it imported; nobody else sees a torchvision (transformers
+            # would take it for the real one and fail on its missing version)
+            sys.meta_path.remove(finder)
+            _drop_torchvision_modules()
     import timm
 
     return timm
+
+
+def _drop_torchvision_modules() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def timm_vit(cfg: ViTConfig) -> nn.Module:
