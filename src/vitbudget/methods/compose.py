@@ -49,7 +49,7 @@ from ..runtime.token_map import TokenMap
 from .abs import ABS
 from .avit import AViT
 from .base import Method
-from .registry import MethodSpec, get_spec
+from .registry import MethodSpec, get_spec, set_stack_resolver
 
 REDUCERS = ("tome", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
 REFINERS = ("abs",)
@@ -348,3 +348,6 @@ def stack_spec(name: str) -> MethodSpec:
         return Stack(model, parts[reducer], parts[refiner], opts)
 
     return MethodSpec(name, build, options, f"{reducer}, then ABS refines the top alpha of its surviving tokens")
+
+
+set_stack_resolver(stack_spec)

@@ -25,6 +25,14 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+# Stacks `REDUCER+abs` are made on first use by methods.compose, which installs itself here on
+# import (registry never imports compose: compose builds on registry, not the other way round).
+_stack_resolver: Callable[[str], MethodSpec] | None = None
+
+
+def set_stack_resolver(resolver: Callable[[str], MethodSpec]) -> None:
+    global _stack_resolver
+    _stack_resolver = resolver
 
 
 def register(name: str, build: Callable[[nn.Module, Any], Method], options: type, summary: str) -> None:
@@ -52,10 +60,8 @@ def get_spec(name: str) -> MethodSpec:
     """A registered method, or a stack `REDUCER+abs` (methods.compose), made on first use."""
     if name in METHODS:
         return METHODS[name]
-    if "+" in name:
-        from .compose import stack_spec
-
-        return stack_spec(name)
+    if "+" in name and _stack_resolver is not None:
+        return _stack_resolver(name)
     raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}, or a stack REDUCER+abs (e.g. tome+abs)")
 
 

@@ -46,6 +46,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from .config import ModelInfo, Preprocess, ViTConfig
+from .vit import VisionTransformer
+from .weights import load_state_dict_strict, read_state_dict
 
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -336,8 +338,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def read_hf_weights(path: Path) -> dict[str, Tensor]:
     """model.safetensors, its sharded index, or pytorch_model.bin."""
-    from .loading import read_state_dict
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(_read_json(index, "weights index").get("weight_map", {}).values()))
@@ -354,8 +354,6 @@ def read_hf_weights(path: Path) -> dict[str, Tensor]:
 def build(hf: dict[str, Any], architecture: str, state: dict[str, Tensor], proc: dict[str, Any] | None, img_size: int | None,
           *, name: str, source: str):
     """Config, strict weight mapping, preprocessing and input size: what from_hf and directories share."""
-    from .loading import load_state_dict_strict
-    from .vit import VisionTransformer
 
     cfg = config_from_hf(hf, architecture)
     family = FAMILIES[ARCHITECTURES[architecture][0]]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
@@ -15,6 +15,7 @@ from ..io import OutputDir, write_json
 from .config import ModelInfo, Preprocess, ViTConfig, named_config
 from .hf import from_hf, is_hf_model, load_hf_directory
 from .hub import fetch, is_hub_id, timm_architecture
+from .weights import check_finite, load_state_dict_strict, read_state_dict  # noqa: F401 - re-exported
 from .vit import VisionTransformer
 
 SIDECAR_FORMAT = "vitbudget.checkpoint/1"
@@ -56,54 +57,6 @@ def model_info_from_sidecar(meta: dict[str, Any], default_name: str) -> ModelInf
         classes=classes,
         extra={k: v for k, v in meta.items() if k not in {"config", "preprocess", "normalize", "classes", "name"}},
     )
-
-
-def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights holding NaN or Inf: they evaluate to plausible-looking garbage."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"checkpoint {source} holds non-finite values (NaN or Inf) in {len(bad)} tensor(s), "
-                              f"e.g. {', '.join(bad[:3])}: it is damaged or its training diverged")
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file (plain, or under 'model' / 'state_dict')."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found")
-    try:
-        if path.suffix == ".safetensors":
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors all mean 'unreadable'
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
-    check_finite(obj, repr(str(path)))
-    return obj
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """strict=True loading whose error names the mismatch instead of dumping every key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:3]) + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
-        if missing:
-            parts.append(f"missing {len(missing)} keys e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys e.g. {', '.join(unexpected[:3])}")
-        raise CheckpointError(f"checkpoint {source} does not match the architecture: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
 def load_model(source: Any, *, arch: str | None = None, **config_overrides: Any) -> VisionTransformer:
