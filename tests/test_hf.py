@@ -190,3 +190,24 @@ def test_eval_command_reads_a_hugging_face_directory(tmp_path, capsys, image_fol
     assert "not mapped (unused at inference): embeddings.mask_token" in err
     report = json.loads((tmp_path / "out/results.json").read_text())
     assert report["model"]["config"]["img_size"] == 28 and report["methods"]["tome"]["cosine_to_baseline"] <= 1.0
+
+
+def test_img_size_flag_runs_a_directory_and_a_checkpoint_at_another_size(tmp_path, capsys, image_folder):
+    """`--img-size` resamples once: a directory as the HF model interpolates, our checkpoint from its trained size."""
+    from vitbudget.cli import main
+
+    hf = build_hf("Dinov2Model", CASES["dinov2-features"][1]())
+    hf.save_pretrained(tmp_path / "dino")
+    code = main(["eval", "--model", str(tmp_path / "dino"), "--img-size", "28", "--data", str(image_folder), "--method", "tome", "--r", "1",
+                 "--no-speed", "--quiet", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out/results.json").read_text())
+    assert report["model"]["config"]["img_size"] == 28
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "dino", img_size=28)(x), hf(pixel_values=x).pooler_output, rtol=0, atol=1e-4)
+    save_model(load_model(tmp_path / "dino", img_size=28), tmp_path / "ck.safetensors")
+    code = main(["eval", "--model", str(tmp_path / "ck.safetensors"), "--img-size", "42", "--data", str(image_folder), "--no-speed",
+                 "--quiet", "--workers", "0", "--out", str(tmp_path / "out42")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out42/results.json").read_text())["model"]["config"]["img_size"] == 42

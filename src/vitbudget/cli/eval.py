@@ -82,10 +82,12 @@ def _run(args: argparse.Namespace) -> int:
     data_path = resolve_default(args.data, DEFAULT_DATA, "data")
     overrides = {"num_classes": args.num_classes} if args.num_classes else {}
     model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
+    if args.img_size is not None and args.img_size != model.cfg.img_size:
+        model.set_input_size(args.img_size)
     names = list(dict.fromkeys(["baseline", *(args.method or [])]))
     check_unused_options(args, names)
     if args.arch is None:  # our format: a method checkpoint restores its trained parameters
-        methods = {name: load_method(model_path, name, **method_options(args, name)).to(args.device) for name in names}
+        methods = {name: load_method(model_path, name, img_size=args.img_size, **method_options(args, name)).to(args.device) for name in names}
     else:
         methods = {name: build_method(name, model, **method_options(args, name)) for name in names}
     if args.compile:

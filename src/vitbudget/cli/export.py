@@ -50,10 +50,13 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     check_unused_options(args, [args.method])
     if args.arch is None:
-        method = load_method(model_path, args.method, **method_options(args, args.method))
+        method = load_method(model_path, args.method, img_size=args.img_size, **method_options(args, args.method))
     else:
         overrides = {"num_classes": args.num_classes} if args.num_classes else {}
-        method = build_method(args.method, load_model(model_path, arch=args.arch, **overrides), **method_options(args, args.method))
+        model = load_model(model_path, arch=args.arch, **overrides)
+        if args.img_size is not None and args.img_size != model.cfg.img_size:
+            model.set_input_size(args.img_size)
+        method = build_method(args.method, model, **method_options(args, args.method))
     result = export_method(method.to(args.device), args.out, fmt, source=str(model_path), verify=not args.no_verify, opset=args.opset)
     meta = result.metadata
     print(f"wrote {result.path} ({result.format}): {meta['method']['name']} {json.dumps(meta['method']['options'])}")

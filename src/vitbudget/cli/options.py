@@ -40,6 +40,8 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=f"checkpoint (.safetensors with .json sidecar, or a timm state dict with --arch); default: shared {DEFAULT_MODEL}")
     parser.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_tiny_patch16_224")
     parser.add_argument("--num-classes", type=positive_int, default=None, help="override the head size of a --arch checkpoint")
+    parser.add_argument("--img-size", type=positive_int, default=None,
+                        help="run at this input size instead of the model's (position embeddings resampled once, bicubic)")
 
 
 def parse_bool(text: str) -> bool:

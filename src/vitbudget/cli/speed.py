@@ -130,11 +130,14 @@ def _model(args: argparse.Namespace):
     overrides = {"num_classes": args.num_classes} if args.num_classes else {}
     if args.model is None and args.arch is not None:
         torch.manual_seed(0)
-        model = VisionTransformer(named_config(args.arch, **overrides)).eval()
+        model = VisionTransformer(named_config(args.arch, **overrides, **({"img_size": args.img_size} if args.img_size else {}))).eval()
         model.info.name = args.arch
         return model, args.arch, "random init"
     path = resolve_default(args.model, DEFAULT_MODEL, "model")
-    return load_model(path, arch=args.arch, **overrides), str(path), "checkpoint"
+    model = load_model(path, arch=args.arch, **overrides)
+    if args.img_size is not None and args.img_size != model.cfg.img_size:
+        model.set_input_size(args.img_size)
+    return model, str(path), "checkpoint"
 
 
 def _timm_twin(model):
@@ -163,7 +166,7 @@ def _trained_methods(args: argparse.Namespace, source: str, options: dict) -> di
         return found
     for name in set(args.methods) & NEEDS_TRAINING:
         try:
-            found[name] = load_method(source, name, **options.get(name, {}))
+            found[name] = load_method(source, name, img_size=args.img_size, **options.get(name, {}))
         except CheckpointError:  # not this method's checkpoint: random-init parts, same speed
             continue
     return found

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import OutputDir
-from ..methods import load_method
+from ..methods import build_method, load_method
+from ..models.hub import is_hub_id
 from .options import add_class_mismatch_flag, add_method_option_flags, method_help, method_name, method_options, open_dataset, positive_int, resolve_default
 
 
@@ -22,6 +24,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     vz.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
     vz.add_argument("--split", default="test", help="split folder (default: test)")
     vz.add_argument("--num-images", type=positive_int, default=8, help="images to draw (default 8)")
+    vz.add_argument("--img-size", type=positive_int, default=None,
+                    help="a Hugging Face directory or hub model only: run at this input size (position embeddings resampled once)")
     vz.add_argument("--out", default="runs/viz", help="output directory (default runs/viz)")
     add_class_mismatch_flag(vz)
     add_method_option_flags(vz)
@@ -36,8 +40,14 @@ def run(args: argparse.Namespace) -> int:
     name = f"{args.method}_tokens.png"
     out = OutputDir(args.out, [name])
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
-    model = load_model(model_path)
-    method = load_method(model_path, args.method, **method_options(args, args.method))
+    if args.img_size is not None:  # a backbone at the size you ask for: no trained method parameters to restore
+        if not (Path(model_path).is_dir() or is_hub_id(model_path)):
+            raise ConfigError("--img-size applies to a Hugging Face directory or hf-hub: model; a checkpoint runs at its trained size")
+        model = load_model(model_path, img_size=args.img_size)
+        method = build_method(args.method, model, **method_options(args, args.method))
+    else:
+        model = load_model(model_path)
+        method = load_method(model_path, args.method, **method_options(args, args.method))
     headless = model.cfg.num_classes == 0  # a backbone: its outputs are features, compared with the unpruned model's
     dataset = open_dataset(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, model,
                            EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)

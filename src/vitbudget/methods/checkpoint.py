@@ -42,8 +42,10 @@ def save_method(method: Method, path: str | os.PathLike, **metadata: Any) -> Pat
     return save_model(method.model, path, extra_tensors=extra, method=method_entry(method), **metadata)
 
 
-def load_method(path: str | os.PathLike, name: str | None = None, **overrides: Any) -> Method:
+def load_method(path: str | os.PathLike, name: str | None = None, *, img_size: int | None = None, **overrides: Any) -> Method:
     """Rebuild the method saved at `path`; `overrides` change inference options (e.g. a threshold).
+
+    img_size: run at another input size than the checkpoint's (position embeddings resampled once).
 
     Asking for a method the checkpoint was not trained as is an error, unless that method has
     no parameters of its own or builds them from the backbone (`post_hoc = True`, e.g. ABS's
@@ -57,7 +59,12 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     name = name or saved["name"]
     relation = _relation(name, saved["name"])
     options = {**_carried_options(relation, name, saved["options"]), **overrides}
-    model = load_model(path)
+    if not meta:  # a Hugging Face model resamples as the model itself interpolates (models.hf)
+        model = load_model(path, **({"img_size": img_size} if img_size else {}))
+    else:
+        model = load_model(path)
+        if img_size is not None and img_size != model.cfg.img_size:
+            model.set_input_size(img_size)
     method = build_method(name, model, **options)
     expected = own_state(method)
     if relation is None and getattr(method, "post_hoc", False):
