@@ -151,8 +151,10 @@ def test_recommend_is_the_most_accurate_candidate_that_meets_the_target():
         "b": {"top1_mean": 59.0, "speedup": 1.6, "rel_flops": 0.55},
         "c": {"top1_mean": 58.0, "speedup": 1.9, "rel_flops": 0.4},
         "d": {"top1_mean": 59.0, "speedup": 1.7, "rel_flops": 0.5},
+        "slow": {"top1_mean": 65.0, "speedup": 0.95, "rel_flops": 0.5, "slower_than_baseline": True},  # the most accurate, never chosen
     }
-    for target, flops, expected in [(1.5, None, "d"), (1.0, None, "Baseline"), (1.8, None, "c"), (None, 0.58, "d"), (1.75, 0.45, "c"), (2.5, None, None)]:
+    for target, flops, expected in [(1.5, None, "d"), (1.0, None, "Baseline"), (1.8, None, "c"), (None, 0.58, "d"), (1.75, 0.45, "c"), (2.5, None, None),
+                                     (0.9, None, "Baseline")]:
         for r in rows.values():
             r["meets"] = tune_module.meets(r, target, flops)
         assert recommend(rows, target, flops) == expected, (target, flops)
@@ -290,13 +292,14 @@ def test_other_runtime_errors_stay_errors():
 
 def test_checkpoints_in_folders_of_the_same_name_are_each_measured(tmp_path, capsys, checkpoint, image_folder):
     paths = [save_classifier(tmp_path / run / "spot" / "model.safetensors", seed=seed) for run, seed in (("a", 1), ("b", 2))]
-    assert checkpoint_names([str(p) for p in paths]) == ["a/spot/model", "b/spot/model"]
-    assert checkpoint_names(["/x/spot/a.safetensors", "/x/spot/b.safetensors", "/y/evit/model.safetensors"]) == ["a", "b", "evit"]
     code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "1.0", "--methods", "", "--no-speed",
                               "--checkpoint", str(paths[0]), "--checkpoint", str(paths[1]), "--checkpoint", str(paths[1]))
     assert code == 0, captured.err
     rows = json.loads((tmp_path / "tune" / "tune.json").read_text())["rows"]
     assert sorted(r["model"] for r in rows.values() if r["model"]) == sorted(str(p.resolve()) for p in paths)  # each once
+    assert checkpoint_names([str(p) for p in paths]) == ["a/spot/model", "b/spot/model"]
+    assert checkpoint_names(["/x/spot/a.safetensors", "/x/spot/b.safetensors", "/y/evit/model.safetensors"]) == ["a", "b", "evit"]
+    assert checkpoint_names(["/x/spot/m.safetensors", "/x/spot/m.safetensors"]) == ["spot", "spot"]  # one file (as two methods)
 
 
 def test_a_resumed_tuner_measures_a_rewritten_checkpoint_again(tmp_path, capsys, checkpoint, image_folder, monkeypatch):

@@ -103,14 +103,18 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
 def checkpoint_names(paths: Sequence[str]) -> list[str]:
     """A short name per checkpoint path for its label: the folder's name, or where two folders share a
     name, the path below what the clashing ones have in common (labels key the results: they must differ)."""
-    short = [Path(p).parent.name or Path(p).stem for p in paths]
+    full = [Path(p).absolute() for p in paths]
+    short = [p.parent.name or p.stem for p in full]
     names = []
-    for path, name in zip(paths, short):
-        clash = [q for q, n in zip(paths, short) if n == name]
+    for path, name in zip(full, short):
+        clash = sorted({q for q, n in zip(full, short) if n == name})
         if len(clash) > 1:
-            name = Path(path).with_suffix("").relative_to(os.path.commonpath(clash)).as_posix()
+            name = path.with_suffix("").relative_to(os.path.commonpath(clash)).as_posix()
         names.append(name)
-    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    owners: dict[str, set[Path]] = {}
+    for path, name in zip(full, names):
+        owners.setdefault(name, set()).add(path)
+    return [str(path) if len(owners[name]) > 1 else name for path, name in zip(full, names)]  # still alike: the whole path
 
 
 def meets(row: dict[str, Any], target_speedup: float | None, target_flops: float | None) -> bool:
@@ -317,8 +321,8 @@ def tune_table(result: dict[str, Any]) -> str:
     if result["skipped"]:
         lines.append("\nNot applicable to this model: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
     lines.append("\nFraction of ideal = measured speed-up × relative FLOPs (1 = the time saved is all the FLOPs saved). "
-                 f"A candidate {SLOWER} at this batch size is never recommended. "
-                 "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
+                 + (f"A candidate {SLOWER} at this batch size is never recommended. " if timed else "")
+                 + "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
                  "Held-out accuracy ranks candidates; measure the chosen one on the test split: `vitbudget eval --config config.json`.")
     return "\n".join(lines) + "\n"
 
