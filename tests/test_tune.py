@@ -1,19 +1,24 @@
 """The tuner (eval.tune, `vitbudget tune`), run-config files (`--config`) and the Pareto plot."""
 from __future__ import annotations
 
+import errno
+import itertools
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_model, write_image_folder
+from conftest import TINY, make_model, requires_transformers, write_image_folder
 
 import vitbudget.data.folder as folder
 import vitbudget.eval.tune as tune_module
 from vitbudget import CheckpointError, ConfigError
 from vitbudget.cli import main
 from vitbudget.data import subset_indices
-from vitbudget.eval.tune import default_candidates, holdout_indices, recommend, tome_rs
+from vitbudget.devices import out_of_memory
+from vitbudget.eval.tune import checkpoint_names, default_candidates, holdout_indices, recommend, tome_rs
 from vitbudget.models import ViTConfig, save_model
 from vitbudget.report.pareto import pareto_figure, pareto_front
 from vitbudget.runconfig import RunConfig, read_run_config, write_run_config
@@ -40,8 +45,42 @@ def train_only(tmp_path):
 def tune_cli(capsys, tmp_path, model, data, *extra):
     argv = ["tune", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "tune"), "--holdout", "12", "--repeats", "2",
             "--warmup", "0", "--methods", "tome", "--workers", "0", "--quiet", "--eval-batch-size", "8", *extra]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse refused a flag's value
+        code = exc.code
     return code, capsys.readouterr()
+
+
+def inject_timings(monkeypatch, seconds):
+    """The tuner's timer replaced: `seconds(label, round)` is what a candidate takes in that round (tests never time)."""
+    rounds = itertools.count()
+
+    def timer(fns, inputs, warmup=3, repeats=20):
+        times = {name: [] for name in fns}
+        for r in itertools.islice(rounds, repeats):
+            for name in fns:
+                times[name].append(seconds(name, r))
+        return times
+
+    monkeypatch.setattr(tune_module, "time_interleaved", timer)
+
+
+def save_classifier(path, seed=0, favourite=None):
+    """A tiny checkpoint naming the toy data's classes; `favourite`: it predicts that class for every image."""
+    m = make_model(seed=seed)
+    m.info.classes = [f"class{c:02d}" for c in range(10)]
+    if favourite is not None:
+        with torch.no_grad():
+            m.head.weight.zero_()
+            m.head.bias.zero_()
+            m.head.bias[favourite] = 1.0
+    return save_model(m, path)
+
+
+def one_error_line(code, captured, message, exit_code=1):
+    lines = captured.err.strip().splitlines()
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith("vitbudget: error: ") and message in lines[0], captured.err
 
 
 # -- the held-out images -------------------------------------------------------------------------------
@@ -49,9 +88,9 @@ def test_tuner_never_reads_the_test_split(tmp_path, capsys, checkpoint, train_on
     opened, read = [], []
     real_init, real_read = folder.ImageFolder.__init__, folder.read_image
 
-    def spy_init(self, root, split=None, transform=None):
+    def spy_init(self, root, split=None, transform=None, **kwargs):
         opened.append(split)
-        real_init(self, root, split, transform)
+        real_init(self, root, split, transform, **kwargs)
 
     def spy_read(path):
         read.append(str(path))
@@ -59,6 +98,7 @@ def test_tuner_never_reads_the_test_split(tmp_path, capsys, checkpoint, train_on
 
     monkeypatch.setattr(folder.ImageFolder, "__init__", spy_init)
     monkeypatch.setattr(folder, "read_image", spy_read)
+    inject_timings(monkeypatch, lambda label, r: 1.0 if label == "Baseline" else 0.5)  # the timing batches are still read
     code, captured = tune_cli(capsys, tmp_path, checkpoint, train_only, "--target-flops", "0.9", "--no-stacks")
     assert code == 0, captured.err
     assert opened == ["train"] and read and all("/train/" in p for p in read)
@@ -74,6 +114,18 @@ def test_holdout_is_fixed_and_disjoint_from_training_subsets():
     assert holdout_indices(10, 50) == list(range(10))
     with pytest.raises(ConfigError):
         holdout_indices(10, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_holdout_is_disjoint_from_what_train_trains_on_at_any_seed(tmp_path, image_folder, seed):
+    """The images `train --seed S --train-limit L` trains on are the seed-0 subset whatever S (seed 0's are pinned in
+    test_data), so tune's hold-out (the other N - L) never contains one of them."""
+    from vitbudget.train import Trainer, get_recipe
+
+    n, limit = 40, 30  # image_folder: 10 classes x 4 training images
+    trainer = Trainer(get_recipe("smoke", seed=seed, train_limit=limit), image_folder, tmp_path / "run", workers=0, progress=False)
+    assert len(trainer.train_set) == n and sorted(trainer.train_indices) == subset_indices(n, limit)
+    assert not set(trainer.train_indices) & set(holdout_indices(n, n - limit))
 
 
 def test_candidate_grid():
@@ -99,23 +151,23 @@ def test_recommend_is_the_most_accurate_candidate_that_meets_the_target():
         "b": {"top1_mean": 59.0, "speedup": 1.6, "rel_flops": 0.55},
         "c": {"top1_mean": 58.0, "speedup": 1.9, "rel_flops": 0.4},
         "d": {"top1_mean": 59.0, "speedup": 1.7, "rel_flops": 0.5},
+        "slow": {"top1_mean": 65.0, "speedup": 0.95, "rel_flops": 0.5, "slower_than_baseline": True},  # the most accurate, never chosen
     }
-    for target, flops, expected in [(1.5, None, "d"), (1.0, None, "Baseline"), (1.8, None, "c"), (None, 0.58, "d"), (1.75, 0.45, "c"), (2.5, None, None)]:
+    for target, flops, expected in [(1.5, None, "d"), (1.0, None, "Baseline"), (1.8, None, "c"), (None, 0.58, "d"), (1.75, 0.45, "c"), (2.5, None, None),
+                                     (0.9, None, "Baseline")]:
         for r in rows.values():
             r["meets"] = tune_module.meets(r, target, flops)
         assert recommend(rows, target, flops) == expected, (target, flops)
 
 
-def test_recommendation_meets_its_target_in_the_tuners_own_measurements(tmp_path, capsys, checkpoint, image_folder):
-    # a speed target any candidate meets even on a loaded machine (the logic of speed targets: test_recommend_...)
-    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-speedup", "0.05", "--target-flops", "0.8")
+def test_recommendation_meets_its_target_in_the_tuners_own_measurements(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
+    inject_timings(monkeypatch, lambda label, r: 1.0 if label == "Baseline" else 0.5 + 0.01 * (len(label) + r % 3))
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-speedup", "1.5", "--target-flops", "0.8")
     assert code == 0, captured.err
     result = json.loads((tmp_path / "tune" / "tune.json").read_text())
     rows, chosen = result["rows"], result["recommended"]
-    speed = result["target_speedup"] or 0.0
-    flops = result["target_flops"] or float("inf")
-    assert rows[chosen]["speedup"] >= speed and rows[chosen]["rel_flops"] <= flops and rows[chosen]["meets"]
-    meeting = [r for r in rows.values() if r["speedup"] >= speed and r["rel_flops"] <= flops]
+    assert rows[chosen]["speedup"] >= 1.5 and rows[chosen]["rel_flops"] <= 0.8 and rows[chosen]["meets"]
+    meeting = [r for r in rows.values() if r["speedup"] >= 1.5 and r["rel_flops"] <= 0.8]
     assert rows[chosen]["top1_mean"] == max(r["top1_mean"] for r in meeting)
     assert rows["Baseline"]["speedup"] == 1.0 and rows["Baseline"]["rel_flops"] == 1.0
     assert all(r["fraction_of_ideal"] == pytest.approx(r["speedup"] * r["rel_flops"]) for r in rows.values())
@@ -128,13 +180,50 @@ def test_recommendation_meets_its_target_in_the_tuners_own_measurements(tmp_path
     assert not (tmp_path / "tune" / ".tune_state.json").exists()
 
 
-def test_no_candidate_meets_the_target(tmp_path, capsys, checkpoint, image_folder):
-    (tmp_path / "tune").mkdir()
-    (tmp_path / "tune" / "config.json").write_text("{}")  # from an earlier run: must not survive
+def test_a_candidate_slower_than_the_baseline_is_never_recommended(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
+    code, captured = tune_cli(capsys, tmp_path / "flops", checkpoint, image_folder, "--target-flops", "0.9", "--no-stacks", "--no-speed")
+    assert code == 0, captured.err
+    favourite = json.loads((tmp_path / "flops" / "tune" / "tune.json").read_text())["recommended"]
+    assert favourite != "Baseline"
+    inject_timings(monkeypatch, lambda label, r: {"Baseline": 1.0, favourite: 1.25}.get(label, 0.5))  # the favourite: 0.8x
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.9", "--no-stacks")  # a FLOPs target only
+    assert code == 0, captured.err
+    result = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    rows = result["rows"]
+    assert rows[favourite]["speedup"] == 0.8 and rows[favourite]["slower_than_baseline"] is True and rows[favourite]["meets"]
+    assert [k for k, r in rows.items() if r["slower_than_baseline"]] == [favourite]
+    others = {k: r for k, r in rows.items() if k != favourite and r["rel_flops"] <= 0.9}
+    assert result["recommended"] == max(others, key=lambda k: (others[k]["top1_mean"], -others[k]["rel_flops"]))
+    line = next(x for x in (tmp_path / "tune" / "tune.md").read_text().splitlines() if x.startswith(f"| {favourite} |"))
+    assert "yes; slower than the unmodified model: not recommended" in line
+
+
+def test_no_candidate_meets_the_target_publishes_nothing(tmp_path, capsys, checkpoint, image_folder):
+    out = tmp_path / "tune"
+    out.mkdir()
+    earlier = {name: f"earlier run's {name}" for name in ("tune.json", "tune.md", "pareto.png", "config.json")}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
     code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.01", "--methods", "")
-    lines = captured.err.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("vitbudget: error: no candidate meets the target"), captured.err
-    assert (tmp_path / "tune" / "tune.md").is_file() and not (tmp_path / "tune" / "config.json").exists()
+    one_error_line(code, captured, "no candidate meets the target")
+    assert "nothing written" in captured.err and "| Baseline |" in captured.out  # the table is printed
+    assert {name: (out / name).read_text() for name in earlier} == earlier
+    assert sorted(p.name for p in out.iterdir()) == sorted([*earlier, ".tune_state.json"])  # accuracy kept for a rerun
+
+
+def test_a_full_disk_publishes_nothing(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
+    import vitbudget.runconfig
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / "tune.md").write_text("earlier")
+    monkeypatch.setattr(vitbudget.runconfig, "write_run_config", no_space)  # the last of the four files fails
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "1.0", "--methods", "", "--no-speed")
+    one_error_line(code, captured, "No space left on device; nothing was published")
+    assert sorted(p.name for p in out.iterdir()) == [".tune_state.json", "tune.md"] and (out / "tune.md").read_text() == "earlier"
 
 
 def test_a_killed_tuner_resumes_its_accuracy(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
@@ -152,11 +241,11 @@ def test_a_killed_tuner_resumes_its_accuracy(tmp_path, capsys, checkpoint, image
         raise AssertionError("accuracy should come from the saved state")
 
     monkeypatch.setattr(tune_module, "predict", no_more)
-    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.8", "--no-stacks")
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.8", "--no-stacks", "--no-speed")
     assert code == 0, captured.err
     monkeypatch.undo()
     rows = json.loads((tmp_path / "tune" / "tune.json").read_text())["rows"]
-    code, _ = tune_cli(capsys, tmp_path / "again", checkpoint, image_folder, "--target-flops", "0.8", "--no-stacks")
+    code, _ = tune_cli(capsys, tmp_path / "again", checkpoint, image_folder, "--target-flops", "0.8", "--no-stacks", "--no-speed")
     again = json.loads((tmp_path / "again" / "tune" / "tune.json").read_text())["rows"]
     assert {k: r["top1_mean"] for k, r in rows.items()} == {k: r["top1_mean"] for k, r in again.items()}
 
@@ -165,10 +254,124 @@ def test_tune_bad_input(tmp_path, capsys, checkpoint, image_folder):
     for extra, message in [([], "give a target"), (["--target-speedup", "-1"], "positive"), (["--target-flops", "0.5", "--checkpoint", "nope.safetensors"], "not found"),
                            (["--target-flops", "0.5", "--methods", "spot"], "cannot be swept"),
                            (["--target-speedup", "1.2", "--no-speed"], "needs the speed measurement"),
-                           (["--target-flops", "0.5", "--stack-alpha", "2"], "--alpha must be in")]:
+                           (["--target-flops", "0.5", "--stack-alpha", "2"], "--alpha must be in"),
+                           (["--target-flops", "0.5", "--batch-size", "100000000"], "--batch-size 100000000 exceeds the 12 held-out images")]:
         code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, *extra)
-        lines = captured.err.strip().splitlines()
-        assert code == 1 and len(lines) == 1 and message in lines[0], (extra, captured.err)
+        one_error_line(code, captured, message)
+    for extra, message in [(["--device", "banana"], "unknown device 'banana'"), (["--eval-batch-size", "0"], "--eval-batch-size: expected a positive integer"),
+                           (["--workers", "-1"], "--workers"), (["--holdout", "0"], "--holdout"), (["--repeats", "0"], "--repeats")]:
+        code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.5", *extra)
+        one_error_line(code, captured, message, exit_code=2)
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("where, error, flag", [
+    ("predict", RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+                             "allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"), "--eval-batch-size (now 8)"),
+    ("predict", MemoryError(), "--eval-batch-size (now 8)"),
+    ("measure_speedups", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139 GiB"),
+     "--batch-size (now 1)"),
+])
+def test_out_of_memory_is_one_line(tmp_path, capsys, checkpoint, image_folder, monkeypatch, where, error, flag):
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tune_module, where, oom)
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "0.9", "--methods", "")
+    one_error_line(code, captured, f"out of memory on cpu{'' if isinstance(error, MemoryError) else ' (tried to allocate '}")
+    assert captured.err.strip().endswith(f"lower {flag}")
+    written = sorted(p.name for p in (tmp_path / "tune").iterdir()) if (tmp_path / "tune").exists() else []
+    assert written == ([".tune_state.json"] if where == "measure_speedups" else [])  # accuracy, measured before the timing, is kept
+
+
+def test_other_runtime_errors_stay_errors():
+    with pytest.raises(RuntimeError, match="shape"):
+        with out_of_memory("cpu", "lower something"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_checkpoints_in_folders_of_the_same_name_are_each_measured(tmp_path, capsys, checkpoint, image_folder):
+    paths = [save_classifier(tmp_path / run / "spot" / "model.safetensors", seed=seed) for run, seed in (("a", 1), ("b", 2))]
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "1.0", "--methods", "", "--no-speed",
+                              "--checkpoint", str(paths[0]), "--checkpoint", str(paths[1]), "--checkpoint", str(paths[1]))
+    assert code == 0, captured.err
+    rows = json.loads((tmp_path / "tune" / "tune.json").read_text())["rows"]
+    assert sorted(r["model"] for r in rows.values() if r["model"]) == sorted(str(p.resolve()) for p in paths)  # each once
+    assert checkpoint_names([str(p) for p in paths]) == ["a/spot/model", "b/spot/model"]
+    assert checkpoint_names(["/x/spot/a.safetensors", "/x/spot/b.safetensors", "/y/evit/model.safetensors"]) == ["a", "b", "evit"]
+    assert checkpoint_names(["/x/spot/m.safetensors", "/x/spot/m.safetensors"]) == ["spot", "spot"]  # one file (as two methods)
+
+
+def test_a_resumed_tuner_measures_a_rewritten_checkpoint_again(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    trained = save_classifier(tmp_path / "ft" / "model.safetensors", seed=1)
+    args = ("--target-flops", "1.0", "--methods", "", "--checkpoint", str(trained))
+    monkeypatch.setattr(tune_module, "measure_speedups", killed)
+    code, _ = tune_cli(capsys, tmp_path, checkpoint, image_folder, *args)
+    assert code == 130
+    before = trained.stat()
+    save_classifier(trained, seed=2)  # rewritten in place: same size, and the same modification time
+    os.utime(trained, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert trained.stat().st_size == before.st_size
+    measured, real = [], tune_module.predict
+    monkeypatch.setattr(tune_module, "predict", lambda *a, **k: measured.append(k["desc"]) or real(*a, **k))
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, *args, "--no-speed")
+    assert code == 0, captured.err
+    assert measured == ["Baseline (ft)"]  # the tuned model's accuracy resumed; the rewritten checkpoint's measured again
+
+
+def test_labels_follow_the_models_class_names_as_eval_does(tmp_path, capsys):
+    """Two class folders of ten classes: tune must label them 3 and 7 (the model's names), as eval does, not 0 and 1."""
+    model = save_classifier(tmp_path / "m.safetensors", favourite=3)  # predicts class03 for every image
+    data = write_image_folder(tmp_path / "two", splits=("train",), classes=8, per_class=2)
+    for folder in (data / "train").iterdir():
+        if folder.name not in ("class03", "class07"):
+            shutil.rmtree(folder)
+
+    def tune_top1(*extra):
+        code, captured = tune_cli(capsys, tmp_path, model, data, "--target-flops", "1.0", "--methods", "", "--no-speed", "--holdout", "100", *extra)
+        assert code == 0, captured.err
+        return json.loads((tmp_path / "tune" / "tune.json").read_text())["rows"]["Baseline"]["top1_mean"]
+
+    def eval_top1(*extra):
+        argv = ["eval", "--model", str(model), "--data", str(data), "--split", "train", "--no-speed", "--quiet", "--workers", "0", "--out", str(tmp_path / "eval")]
+        assert main([*argv, *extra]) == 0, capsys.readouterr().err
+        return json.loads((tmp_path / "eval" / "results.json").read_text())["methods"]["baseline"]["top1"]
+
+    assert tune_top1() == eval_top1() == 50.0
+    (data / "train" / "class07").rename(data / "train" / "zebra")  # not one of the model's classes
+    code, captured = tune_cli(capsys, tmp_path, model, data, "--target-flops", "1.0", "--methods", "", "--no-speed")
+    one_error_line(code, captured, "--allow-class-mismatch")
+    assert tune_top1("--allow-class-mismatch") == eval_top1("--allow-class-mismatch")
+
+
+def test_a_checkpoint_with_other_classes_is_refused(tmp_path, capsys, checkpoint, image_folder):
+    m = make_model()
+    m.info.classes = [f"class{c:02d}" for c in reversed(range(10))]
+    other = save_model(m, tmp_path / "other" / "model.safetensors")
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "1.0", "--methods", "", "--checkpoint", str(other))
+    one_error_line(code, captured, "predicts other classes than --model")
+
+
+@pytest.mark.slow  # importing transformers alone takes seconds
+@requires_transformers
+def test_tune_a_hugging_face_directory_and_eval_its_config(tmp_path, capsys, image_folder):
+    import transformers as T
+    from test_hf import VIT_LIKE, build_hf
+
+    names = {i: f"class{i:02d}" for i in range(10)}
+    hf_dir = tmp_path / "hf-vit"
+    build_hf("ViTForImageClassification", T.ViTConfig(num_labels=10, id2label=names, label2id={v: k for k, v in names.items()}, **VIT_LIKE)).save_pretrained(hf_dir)
+    code, captured = tune_cli(capsys, tmp_path, hf_dir, image_folder, "--target-flops", "0.9", "--no-stacks", "--no-speed")
+    assert code == 0, captured.err
+    config = read_run_config(tmp_path / "tune" / "config.json")
+    assert config.model == str(hf_dir.resolve()) and config.method == "tome"
+    code = main(["eval", "--config", str(tmp_path / "tune" / "config.json"), "--data", str(image_folder), "--split", "train", "--no-speed",
+                 "--quiet", "--workers", "0", "--out", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr().err
+    assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["methods"]) == {"baseline", "tome"}
 
 
 # -- run-config files ----------------------------------------------------------------------------------------
@@ -291,20 +494,12 @@ def test_tune_skips_families_that_do_not_apply(tmp_path, capsys, image_folder):
     assert "Not applicable to this model" in (tmp_path / "tune" / "tune.md").read_text()
 
 
-def test_speedup_is_baseline_time_over_candidate_time():
-    """Round-robin timing of callables with known costs: a candidate 6x quicker than the baseline reads well above 1
-    (sleep wake-up latency on a loaded machine pulls the ratio down, never below ~2)."""
-    import time
-
-    def sleeper(seconds):
-        def fn(x):
-            time.sleep(seconds)
-        return fn
-
+def test_speedup_is_the_median_of_per_round_ratios(monkeypatch):
+    """Per-round ratios baseline / candidate are 0.5, 3 and 1: their median is 1.0, the ratio of the medians (3 / 2) 1.5."""
+    base, cand = [1.0, 3.0, 3.0], [2.0, 1.0, 3.0]
+    inject_timings(monkeypatch, lambda label, r: (base if label == "Baseline" else cand)[r])
     dataset = [(torch.zeros(3, 4, 4), 0)] * 4
-    speed = tune_module.measure_speedups({"Baseline": sleeper(0.03), "fast": sleeper(0.005)}, dataset, range(4), batch_size=1,
-                                         device="cpu", repeats=5, warmup=0, progress=False)
+    speed = tune_module.measure_speedups({"Baseline": None, "cand": None}, dataset, range(4), batch_size=1, device="cpu", repeats=3,
+                                         warmup=0, progress=False)
     assert speed["Baseline"]["speedup"] == 1.0
-    assert 2.0 < speed["fast"]["speedup"] < 6.5
-    assert speed["fast"]["speedup_q25"] <= speed["fast"]["speedup"] <= speed["fast"]["speedup_q75"]
-    assert speed["fast"]["latency_ms"] < speed["Baseline"]["latency_ms"]
+    assert speed["cand"] == {"speedup": 1.0, "speedup_q25": 0.75, "speedup_q75": 2.0, "latency_ms": 2000.0, "images_per_s": 0.5}

@@ -1,6 +1,10 @@
 """Which torch device a run may use, checked before any work (torch's own errors come late and long)."""
 from __future__ import annotations
 
+import contextlib
+import re
+from typing import Iterator
+
 import torch
 
 from .errors import ConfigError
@@ -48,8 +52,6 @@ def autocast(device: torch.device | str, dtype: torch.dtype | str = torch.float3
     The runtime keeps what could underflow in float32 itself (masked softmax with its ε terms,
     explicit attention probabilities), so every method runs under it unchanged.
     """
-    import contextlib
-
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -57,3 +59,29 @@ def autocast(device: torch.device | str, dtype: torch.dtype | str = torch.float3
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for GPUs; on the CPU use bf16")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -- running out of memory ----------------------------------------------------------------------
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError the CPU / MPS allocators raise."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text or "not enough memory" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory(device: torch.device | str, hint: str) -> Iterator[None]:
+    """Turn running out of memory inside the block into one ConfigError line saying which setting to lower.
+
+    torch's allocator errors are long and name no flag; a batch too big for the device is the
+    user's setting, not a vitbudget bug.
+    """
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        asked = re.search(r"tried to allocate ([0-9.]+ ?[KMGT]i?B|\d+ bytes)", str(exc), re.IGNORECASE)
+        detail = f" (tried to allocate {asked.group(1)})" if asked else ""
+        raise ConfigError(f"out of memory on {device}{detail}: {hint}") from None

@@ -84,7 +84,7 @@ def _check(config: RunConfig, base: Path, where: str) -> None:
         raise ConfigError(f"config file {where!r}: {exc}") from None
     if config.model is not None:
         model = Path(config.model) if Path(config.model).is_absolute() else base / config.model
-        if not model.is_file():
+        if not model.exists():  # a checkpoint file, or a Hugging Face directory
             raise CheckpointError(f"config file {where!r}: checkpoint {config.model!r} not found")
     if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size <= 0):
         raise ConfigError(f"config file {where!r}: batch_size must be a positive integer, got {config.batch_size!r}")

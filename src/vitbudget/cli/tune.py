@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import CheckpointError, ConfigError
-from ..io import ensure_writable_dir, write_json, write_text
-from .options import resolve_default
+from ..io import OutputDir, write_json, write_text
+from .options import (add_checkpoint_flags, add_class_mismatch_flag, device_arg, finite_float, label_source, nonnegative_int, open_dataset,
+                      positive_int, resolve_default, workers_count)
 
 EPILOG = """examples:
   vitbudget tune --model my.safetensors --data imgs/ --target-speedup 1.5          # batch 1, this machine
@@ -23,8 +24,13 @@ model; each of them followed by ABS (a stack, --stack-alpha); every --checkpoint
 read from its sidecar) and its stack. Accuracy comes from --holdout images of the TRAINING split
 (never the test split); speed is measured here, at --batch-size, all candidates round-robin.
 Writes OUT/tune.json, OUT/tune.md (the table), OUT/pareto.png (top-1 against FLOPs and measured
-speed-up) and OUT/config.json (the recommended setting, for eval/bench --config). A killed run
-resumes its accuracy measurements when run again with the same arguments."""
+speed-up) and OUT/config.json (the recommended setting, for eval/bench --config). All four are
+published together or not at all (nothing when no candidate meets the target). A killed or
+failed run resumes its accuracy measurements when run again with the same --out (any target)."""
+
+
+OUTPUT_FILES = ["tune.json", "tune.md", "pareto.png", "config.json"]  # config.json last: its presence means the rest is there
+STATE_FILE = ".tune_state.json"  # accuracy so far; kept until the results are published
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,34 +38,33 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Sweep the training-free methods, their stacks with ABS and your trained checkpoints; "
                                     "recommend the most accurate setting that meets a target speed-up or FLOPs.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_argument("--model", default=None, help=f"checkpoint to tune (default: shared {DEFAULT_MODEL})")
-    tu.add_argument("--arch", default=None, help="architecture name for a plain timm state dict, e.g. deit_small_patch16_224")
-    tu.add_argument("--num-classes", type=int, default=None, help="override the head size of an --arch checkpoint")
+    add_checkpoint_flags(tu)
     tu.add_argument("--data", default=None, help=f"ImageFolder directory or archive with a train/ split (default: shared {DEFAULT_DATA})")
     tu.add_argument("--split", default="train", help="split the held-out images come from (default train; never test)")
-    tu.add_argument("--holdout", type=int, default=1000, help="held-out images of --split that measure accuracy (default 1000)")
+    tu.add_argument("--holdout", type=positive_int, default=1000, help="held-out images of --split that measure accuracy (default 1000)")
     tu.add_argument("--target-speedup", type=float, default=None, help="measured speed-up over the baseline to reach, e.g. 1.5")
     tu.add_argument("--target-flops", type=float, default=None, help="relative FLOPs to stay under, e.g. 0.6")
-    tu.add_argument("--batch-size", type=int, default=1, help="batch size the speed-up is measured at (default 1)")
-    tu.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    tu.add_argument("--batch-size", type=positive_int, default=1, help="batch size the speed-up is measured at (default 1; at most --holdout)")
+    tu.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     tu.add_argument("--checkpoint", action="append", default=[], metavar="PATH", help="a trained method checkpoint to include (repeatable)")
     tu.add_argument("--methods", default="evit,spot_heuristic,tome", help="training-free families to sweep, comma-separated (default all)")
     tu.add_argument("--no-stacks", action="store_true", help="do not try REDUCER+abs stacks")
-    tu.add_argument("--stack-alpha", type=float, default=0.2, help="ABS alpha of the stacks (default 0.2)")
+    tu.add_argument("--stack-alpha", type=finite_float, default=0.2, help="ABS alpha of the stacks (default 0.2)")
     tu.add_argument("--no-speed", action="store_true", help="skip timing (only with --target-flops): a FLOPs-only answer")
-    tu.add_argument("--repeats", type=int, default=30, help="round-robin timing rounds (default 30)")
-    tu.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate before timing (default 3)")
-    tu.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the accuracy pass (default 256)")
-    tu.add_argument("--workers", type=int, default=None, help="data-loading processes (default: min(2, cores))")
+    tu.add_argument("--repeats", type=positive_int, default=30, help="round-robin timing rounds (default 30)")
+    tu.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls per candidate before timing (default 3)")
+    tu.add_argument("--eval-batch-size", type=positive_int, default=256, help="batch size of the accuracy pass (default 256)")
+    tu.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
     tu.add_argument("--out", default="runs/tune", help="output directory (default runs/tune)")
     tu.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_class_mismatch_flag(tu)
     return tu
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import EvalTransform, ImageFolder
+    from ..data import EvalTransform, holdout_indices
     from ..eval.machine import describe_machine, machine_info
-    from ..eval.tune import NoCandidateMeetsTarget, default_candidates, holdout_indices, tune, tune_table
+    from ..eval.tune import NoCandidateMeetsTarget, default_candidates, tune, tune_table
     from ..methods import build_method, load_method
     from ..models import load_model
     from ..models.loading import read_sidecar, sidecar_path
@@ -71,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
                           "or a validation split, then measure the chosen setting with `vitbudget eval --config OUT/config.json`")
     if args.target_speedup is None and args.target_flops is None:
         raise ConfigError("give a target: --target-speedup X (measured on this machine) and/or --target-flops F (relative FLOPs)")
-    out_dir = ensure_writable_dir(args.out)
+    out = OutputDir(args.out, OUTPUT_FILES)  # checked now, written only when everything succeeded
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
     data_path = resolve_default(args.data, DEFAULT_DATA, "data")
     overrides = {"num_classes": args.num_classes} if args.num_classes else {}
     model = load_model(model_path, arch=args.arch, **overrides).to(args.device)
+    if model.cfg.num_classes == 0:
+        raise ConfigError(f"{model_path!r} has no classification head: the tuner ranks candidates by top-1")
     checkpoints = []
     for path in args.checkpoint:
         if not Path(path).is_file():
@@ -84,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoints.append((str(Path(path).resolve()), saved["name"]))
     families = [f for f in args.methods.split(",") if f]
     candidates = default_candidates(model.cfg, families=families, stacks=not args.no_stacks, stack_alpha=args.stack_alpha, checkpoints=checkpoints)
-    dataset = ImageFolder(data_path, args.split, EvalTransform(model.cfg.img_size, model.info.preprocess))
-    if len(dataset.classes) > model.cfg.num_classes:
-        raise ConfigError(f"dataset has {len(dataset.classes)} classes but the model only {model.cfg.num_classes} outputs")
+    # labels by the model's class names, as `eval` assigns them (--allow-class-mismatch the same way)
+    dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
     indices = holdout_indices(len(dataset), args.holdout)
 
     def build(c):
@@ -94,44 +100,46 @@ def run(args: argparse.Namespace) -> int:
             return load_method(c.model, c.method, **c.options)
         return build_method(c.method, model, **c.options)
 
+    state_path = out.path / STATE_FILE
     result = tune(model, model_path, dataset, indices, candidates, target_speedup=args.target_speedup, target_flops=args.target_flops,
                   batch_size=args.batch_size, device=args.device, repeats=args.repeats, warmup=args.warmup,
                   eval_batch_size=args.eval_batch_size, workers=args.workers, progress=not args.quiet,
-                  state_path=out_dir / ".tune_state.json", build=build, speed=not args.no_speed)
+                  state_path=state_path, build=build, speed=not args.no_speed)
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
-    report = {"command": command, "model": str(model_path), "arch": args.arch,
-              "data": {"path": str(data_path), "split": args.split, "holdout": len(indices), "of": len(dataset)},
-              "machine": machine, **result}
     table = tune_table(result)
-    chosen = result["recommended"]
-    # Published in this order, each file atomically; config.json last, so its presence means the
-    # others are complete. (A helper that publishes a run's files together is coming in vitbudget.io.)
-    write_json(out_dir / "tune.json", report)
-    write_text(out_dir / "tune.md", f"`{command}` — {describe_machine(machine)}\n\n{table}")
-    measured = "" if args.no_speed else f" and measured speed-up (batch {args.batch_size}, {describe_machine(machine)})"
-    title = f"{model.info.name or Path(model_path).stem}: top-1 on {len(indices)} held-out {args.split} images against FLOPs{measured}"
-    save_pareto(result["rows"], out_dir / "pareto.png", title=title, speed_key=None if args.no_speed else "speedup", target_flops=args.target_flops,
-                target_speedup=args.target_speedup, highlight=chosen)
     print(table)
-    config_path = out_dir / "config.json"
-    if chosen is None:
-        config_path.unlink(missing_ok=True)  # a config from an earlier run must not pass for this one's answer
+    chosen = result["recommended"]
+    if chosen is None:  # nothing is published: an earlier run's answer stays as it was
         label, best = max(result["rows"].items(), key=lambda kv: (kv[1]["speedup"] or 0.0, -kv[1]["rel_flops"]))
         speed = "" if best["speedup"] is None else f" at {best['speedup']:.2f}x,"
         raise NoCandidateMeetsTarget(
-            f"no candidate meets the target on this machine (closest: {label}{speed} {best['rel_flops']:.2f}x FLOPs); the table "
-            f"is in {out_dir / 'tune.md'}. Lower the target, try another --batch-size, or pass trained checkpoints with --checkpoint")
+            f"no candidate meets the target on this machine (closest: {label}{speed} {best['rel_flops']:.2f}x FLOPs); nothing written, "
+            f"the table is above. Lower the target, try another --batch-size, or pass trained checkpoints with --checkpoint "
+            f"(the accuracy measured is kept: a rerun with the same --out skips it)")
+    report = {"command": command, "model": str(model_path), "arch": args.arch,
+              "data": {"path": str(data_path), "split": args.split, "holdout": len(indices), "of": len(dataset),
+                       "classes": dataset.classes, "labels": label_source(dataset)},
+              "machine": machine, **result}
     row = result["rows"][chosen]
     model_file = row["model"] or str(Path(model_path).resolve())
     notes = {"tool": command, "label": chosen, "held_out_top1": row["top1_mean"], "rel_flops": row["rel_flops"], "speedup": row["speedup"],
              "target_speedup": args.target_speedup, "target_flops": args.target_flops, "held_out_images": len(indices),
              "split": args.split, "data": str(data_path), "machine": describe_machine(machine)}
-    write_run_config(config_path, RunConfig(method=row["method"], options=dict(row["options"]), model=model_file,
-                                            arch=None if row["model"] else args.arch, num_classes=None if row["model"] else args.num_classes,
-                                            batch_size=None if args.no_speed else args.batch_size, device=args.device, notes=notes))
+    measured = "" if args.no_speed else f" and measured speed-up (batch {args.batch_size}, {describe_machine(machine)})"
+    title = f"{model.info.name or Path(model_path).stem}: top-1 on {len(indices)} held-out {args.split} images against FLOPs{measured}"
+    with out.publish() as stage:
+        write_json(stage / "tune.json", report)
+        write_text(stage / "tune.md", f"`{command}` — {describe_machine(machine)}\n\n{table}")
+        save_pareto(result["rows"], stage / "pareto.png", title=title, speed_key=None if args.no_speed else "speedup",
+                    target_flops=args.target_flops, target_speedup=args.target_speedup, highlight=chosen)
+        write_run_config(stage / "config.json", RunConfig(
+            method=row["method"], options=dict(row["options"]), model=model_file, arch=None if row["model"] else args.arch,
+            num_classes=None if row["model"] else args.num_classes, batch_size=None if args.no_speed else args.batch_size,
+            device=args.device, notes=notes))
+    state_path.unlink(missing_ok=True)
     speed = "" if row["speedup"] is None else f", {row['speedup']:.2f}x measured speed-up at batch {args.batch_size}"
     print(f"recommended: {chosen} — held-out top-1 {row['top1_mean']:.2f} %, {row['rel_flops']:.3f}x FLOPs{speed}")
-    print(f"wrote {out_dir / 'tune.json'}, {out_dir / 'tune.md'}, {out_dir / 'pareto.png'}, {config_path}")
-    print(f"next: vitbudget eval --config {config_path}" + (f" --data {args.data}" if args.data else ""))
+    print(f"wrote {', '.join(str(out.path / name) for name in OUTPUT_FILES)}")
+    print(f"next: vitbudget eval --config {out.path / 'config.json'}" + (f" --data {args.data}" if args.data else ""))
     return 0

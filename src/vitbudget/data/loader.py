@@ -11,13 +11,33 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError, VitbudgetError
 
 
-def subset_indices(n: int, limit: int | None, seed: int = 0) -> list[int]:
-    """A fixed pseudo-random subset of `limit` indices in ascending order (all when limit is None)."""
+SUBSET_SEED = 0  # the one permutation every fixed subset is drawn from
+
+
+def subset_indices(n: int, limit: int | None) -> list[int]:
+    """A fixed pseudo-random subset of `limit` indices in ascending order (all when limit is None).
+
+    The first `limit` of the seed-0 permutation of n, for every use: `eval --limit`, and the
+    images a `train_limit` recipe trains on at ANY training seed (the seed changes initialisation
+    and order, never the images), so `holdout_indices` (the last images of the same permutation)
+    is disjoint from every training subset with limit <= n - holdout.
+    """
     if limit is None or limit >= n:
         return list(range(n))
     if limit <= 0:
         raise ConfigError(f"--limit must be positive, got {limit}")
-    return sorted(np.random.default_rng(seed).permutation(n)[:limit].tolist())
+    return sorted(_permutation(n)[:limit].tolist())
+
+
+def holdout_indices(n: int, holdout: int) -> list[int]:
+    """The last `holdout` of the same permutation (all n if holdout >= n), ascending: `vitbudget tune`'s held-out images."""
+    if holdout <= 0:
+        raise ConfigError(f"--holdout must be positive, got {holdout}")
+    return sorted(_permutation(n)[-holdout:].tolist()) if holdout < n else list(range(n))
+
+
+def _permutation(n: int) -> np.ndarray:
+    return np.random.default_rng(SUBSET_SEED).permutation(n)
 
 
 def epoch_order(indices: Sequence[int], seed: int, epoch: int) -> list[int]:

@@ -6,25 +6,26 @@ possible". The tuner measures candidates and recommends one:
 * candidates: the baseline, the training-free reducers over a grid (EViT and the SPOT heuristic over
   ρ, ToMe over r scaled to the model's patches per block), each of them followed by ABS (stacks),
   and trained method checkpoints the user passes (with their stacks);
-* accuracy on a held-out part of the TRAINING split, never the test split: the last `holdout`
-  images of the seed-0 permutation of the split, so they are disjoint from every fine-tuning
-  subset the recipes draw (`--train-limit L`, the first L of the same permutation, L <= N - holdout).
+* accuracy on a held-out part of the TRAINING split, never the test split (`data.holdout_indices`:
+  disjoint from every `--train-limit L` subset, at every training seed, while L <= N - holdout).
   A model trained on the whole split has seen them: the numbers are then optimistic, and only
   their order matters; the chosen setting is measured once on the test split afterwards;
 * speed on this machine at the user's batch size, all candidates timed round-robin with the
   library's timer (`eval.speed.time_interleaved`), as speed-up = median over rounds of
-  baseline time / candidate time;
+  baseline time / candidate time (`eval.speed.paired_ratio`);
 * recommendation: the most accurate candidate that meets the target in these measurements
-  (speed-up >= target, and/or relative FLOPs <= target), ties broken by speed.
+  (speed-up >= target, and/or relative FLOPs <= target), ties broken by speed, never one
+  measured slower than the unmodified model at this batch size (marked in the table instead).
 
-Accuracy results are kept in a state file as they come, so a killed run resumes; timing is
-always redone (it must be round-robin within one run).
+Accuracy results are kept in a state file as they come, keyed by the checkpoints' contents, so a
+killed run resumes; timing is always redone (it must be round-robin within one run).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import holdout_indices
+from ..data.archive import file_sha256
+from ..devices import out_of_memory
 from ..errors import ConfigError, VitbudgetError
 from ..io import write_json
 from ..methods import build_method, load_method
@@ -41,12 +45,12 @@ from ..methods.labels import display_name, setting_label
 from ..runtime.cost import dense_macs
 from . import metrics
 from .evaluate import predict
-from .speed import time_interleaved
+from .speed import fraction_of_ideal, paired_ratio, time_interleaved
 
 RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TOME_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)  # r = fraction * patches / depth: 1.0 merges all patches by the last block
 FAMILIES = ("evit", "spot_heuristic", "tome")
-HOLDOUT_SEED = 0
+SLOWER = "slower than the unmodified model"  # the mark of a candidate that is never recommended
 
 
 @dataclass(frozen=True)
@@ -88,24 +92,29 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
         if stacks:
             opts = {**options, "alpha": stack_alpha}
             out.append(Candidate(f"{display_name(method + '+abs')} {setting_label(opts)}", method + "+abs", opts))
-    for path, method in checkpoints:
-        name = Path(path).parent.name or Path(path).stem
+    checkpoints = list(dict.fromkeys(checkpoints))  # the same checkpoint twice is measured once
+    for (path, method), name in zip(checkpoints, checkpoint_names([p for p, _ in checkpoints])):
         out.append(Candidate(f"{display_name(method)} ({name})", method, {}, path))
         if stacks and method in REDUCERS:
             out.append(Candidate(f"{display_name(method + '+abs')} ({name}) α {stack_alpha:g}", method + "+abs", {"alpha": stack_alpha}, path))
     return out
 
 
-def holdout_indices(n: int, holdout: int) -> list[int]:
-    """The last `holdout` of the seed-0 permutation of n images (all of them if holdout >= n), ascending.
-
-    `data.subset_indices(n, L)` takes the first L of the same permutation for training subsets, so
-    the two never overlap while L <= n - holdout.
-    """
-    if holdout <= 0:
-        raise ConfigError(f"--holdout must be positive, got {holdout}")
-    perm = np.random.default_rng(HOLDOUT_SEED).permutation(n)
-    return sorted(perm[-holdout:].tolist()) if holdout < n else list(range(n))
+def checkpoint_names(paths: Sequence[str]) -> list[str]:
+    """A short name per checkpoint path for its label: the folder's name, or where two folders share a
+    name, the path below what the clashing ones have in common (labels key the results: they must differ)."""
+    full = [Path(p).absolute() for p in paths]
+    short = [p.parent.name or p.stem for p in full]
+    names = []
+    for path, name in zip(full, short):
+        clash = sorted({q for q, n in zip(full, short) if n == name})
+        if len(clash) > 1:
+            name = path.with_suffix("").relative_to(os.path.commonpath(clash)).as_posix()
+        names.append(name)
+    owners: dict[str, set[Path]] = {}
+    for path, name in zip(full, names):
+        owners.setdefault(name, set()).add(path)
+    return [str(path) if len(owners[name]) > 1 else name for path, name in zip(full, names)]  # still alike: the whole path
 
 
 def meets(row: dict[str, Any], target_speedup: float | None, target_flops: float | None) -> bool:
@@ -118,8 +127,8 @@ def meets(row: dict[str, Any], target_speedup: float | None, target_flops: float
 
 
 def recommend(rows: dict[str, dict[str, Any]], target_speedup: float | None, target_flops: float | None) -> str | None:
-    """The most accurate candidate meeting the target (ties: the faster, then the cheaper)."""
-    ok = [label for label, r in rows.items() if r["meets"]]
+    """The most accurate candidate meeting the target and not measured slower than the baseline (ties: the faster, then the cheaper)."""
+    ok = [label for label, r in rows.items() if r["meets"] and not r.get("slower_than_baseline")]
     if not ok:
         return None
     return max(ok, key=lambda lb: (rows[lb]["top1_mean"], rows[lb].get("speedup") or 0.0, -rows[lb]["rel_flops"]))
@@ -142,16 +151,38 @@ class TuneState:
         if self.path is not None:
             write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
 
-    def remove(self) -> None:
-        if self.path is not None and self.path.is_file():
-            self.path.unlink()
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's bytes: the file and its JSON sidecar, or every file of a (Hugging Face) directory.
+
+    Results cached for a checkpoint are keyed by it: a checkpoint rewritten in place, even with
+    the same size and modification time, is measured again.
+    """
+    from ..models.loading import sidecar_path
+
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root, sidecar_path(root)]
+    digest = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{file_sha256(f)}\0".encode())
+    return digest.hexdigest()
 
 
 def fingerprint(model_path: str, dataset, indices: Sequence[int], extra: dict[str, Any]) -> dict[str, Any]:
-    stat = Path(model_path).stat() if Path(model_path).is_file() else None
-    digest = hashlib.sha256(json.dumps([s for s, _ in (dataset.samples[i] for i in indices)]).encode()).hexdigest()[:16]
-    return {"model": str(Path(model_path).resolve()), "model_stat": [stat.st_size, int(stat.st_mtime)] if stat else None,
-            "images": digest, **extra}
+    """What the cached accuracies depend on besides each candidate: the tuned model's contents, the images and their labels."""
+    images = hashlib.sha256(json.dumps([list(dataset.samples[i]) for i in indices]).encode()).hexdigest()[:16]
+    return {"model": str(Path(model_path).resolve()), "model_sha256": content_digest(model_path), "images": images, **extra}
+
+
+def check_same_classes(model, other, where: str) -> None:
+    """A checkpoint candidate must predict the tuned model's classes, in its order: the labels are the tuned model's."""
+    ours, theirs = model.info.classes, other.info.classes
+    if other.cfg.num_classes != model.cfg.num_classes or (ours is not None and theirs is not None and list(ours) != list(theirs)):
+        def say(m):
+            return f"{m.cfg.num_classes} outputs" + (f" ({', '.join(m.info.classes[:5])}{', ...' if len(m.info.classes) > 5 else ''})" if m.info.classes else "")
+        raise ConfigError(f"{where} predicts other classes than --model ({say(other)} against {say(model)}): "
+                          "its held-out accuracy would mean nothing")
 
 
 def tune(
@@ -165,6 +196,8 @@ def tune(
     `model` is the loaded tuned model (training-free candidates share it); `build(candidate)` may
     replace how a candidate becomes a Method (the CLI passes one that honours --arch). `speed=False`
     skips timing (a FLOPs target only: on a shared machine, or where timing is done elsewhere).
+    Accuracy is saved to `state_path` as it comes; the file stays for the caller to remove once the
+    results are safely written (a rerun, with any target, then skips the accuracy pass).
     """
     if target_speedup is None and target_flops is None:
         raise ConfigError("give a target: --target-speedup X (measured, on this machine) and/or --target-flops F (relative FLOPs)")
@@ -175,6 +208,12 @@ def tune(
             raise ConfigError(f"{name} must be a positive number, got {value}")
     if batch_size <= 0 or repeats <= 0 or warmup < 0:
         raise ConfigError(f"--batch-size and --repeats must be positive and --warmup >= 0, got {batch_size}, {repeats}, {warmup}")
+    if speed and batch_size > len(indices):
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {len(indices)} held-out images the timing batches are made of; "
+                          "lower it, or raise --holdout")
+    labels = [c.label for c in candidates]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"candidate labels must differ (they key the results): {sorted({lb for lb in labels if labels.count(lb) > 1})}")
     build = build or (lambda c: load_method(c.model, c.method, **c.options) if c.model else build_method(c.method, model, **c.options))
     methods, skipped = {}, {}
     for cand in candidates:  # build everything first: a bad checkpoint or option fails before any work
@@ -184,9 +223,12 @@ def tune(
             if cand.model is not None or cand.method == "baseline":
                 raise
             skipped[cand.label] = str(exc)  # a family that does not apply to this model (e.g. no class token)
+        if cand.model is not None:
+            check_same_classes(model, methods[cand.label].model, f"--checkpoint {cand.model!r}")
     if "Baseline" not in methods:
         raise ConfigError("the candidates must include the baseline (label 'Baseline')")
-    state = TuneState(state_path, fingerprint(model_path, dataset, indices, {"device": device}))
+    state = TuneState(state_path, fingerprint(model_path, dataset, indices, {"device": str(device)}))
+    digests = {c.model: content_digest(c.model) for c in candidates if c.model is not None}
     base_macs = dense_macs(model.cfg)
     bar = tqdm(total=len(methods), desc="accuracy (held-out train images)", unit="cand", disable=not progress)
     rows: dict[str, dict[str, Any]] = {}
@@ -194,12 +236,14 @@ def tune(
     for cand in candidates:
         if cand.label not in methods:
             continue
-        cached = state.done.get(cand.key)
+        key = json.dumps([cand.key, digests.get(cand.model)])  # a checkpoint rewritten since is measured again
+        cached = state.done.get(key)
         if cached is None:
-            pred = predict(methods[cand.label], dataset, indices, eval_batch_size, workers, device, progress, desc=cand.label)
+            with out_of_memory(device, f"lower --eval-batch-size (now {eval_batch_size})"):
+                pred = predict(methods[cand.label], dataset, indices, eval_batch_size, workers, device, progress, desc=cand.label)
             summary = pred.summary(base_macs)
             cached = {"summary": summary, "correct": (pred.logits.argmax(1) == pred.labels).int().tolist()}
-            state.done[cand.key] = cached
+            state.done[key] = cached
             state.save()
         correct[cand.label] = np.asarray(cached["correct"], bool)
         s = cached["summary"]
@@ -209,21 +253,28 @@ def tune(
     bar.close()
     for label, row in rows.items():
         row["mcnemar_p_vs_baseline"] = None if label == "Baseline" else metrics.mcnemar(correct[label], correct["Baseline"])["p_value"]
-    timing = measure_speedups(methods, dataset, indices, batch_size=batch_size, device=device, repeats=repeats, warmup=warmup,
-                              progress=progress) if speed else {}
+    timing = {}
+    if speed:
+        with out_of_memory(device, f"lower --batch-size (now {batch_size})"):
+            timing = measure_speedups(methods, dataset, indices, batch_size=batch_size, device=device, repeats=repeats, warmup=warmup,
+                                      progress=progress)
     for label, row in rows.items():
         row.update(timing.get(label, dict.fromkeys(("speedup", "speedup_q25", "speedup_q75", "latency_ms", "images_per_s"))))
-        row["fraction_of_ideal"] = None if row["speedup"] is None else row["speedup"] * row["rel_flops"]
+        row["fraction_of_ideal"] = None if row["speedup"] is None else fraction_of_ideal(row["speedup"], row["rel_flops"])
+        row["slower_than_baseline"] = None if row["speedup"] is None else row["speedup"] < 1.0
         row["meets"] = meets(row, target_speedup, target_flops)
     chosen = recommend(rows, target_speedup, target_flops)
-    state.remove()
     return {"rows": rows, "recommended": chosen, "skipped": skipped, "target_speedup": target_speedup, "target_flops": target_flops,
-            "batch_size": batch_size if speed else None, "device": device, "repeats": repeats if speed else 0, "images": len(indices)}
+            "batch_size": batch_size if speed else None, "device": str(device), "repeats": repeats if speed else 0, "images": len(indices)}
 
 
 def measure_speedups(methods: dict[str, Any], dataset, indices: Sequence[int], *, batch_size: int, device: str, repeats: int,
                      warmup: int = 3, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Round-robin timing at `batch_size` over up to 16 distinct batches of held-out images (256 images at most)."""
+    """Round-robin timing at `batch_size` over up to 16 distinct batches of held-out images (256 images at most).
+
+    speed-up = median over rounds of (baseline time / candidate time) in that round: the median of
+    per-round ratios, so each ratio compares two calls under the same load (not a ratio of medians).
+    """
     count = max(1, min(16, 256 // batch_size, len(indices) // batch_size))
     take = [indices[(i * batch_size + j) % len(indices)] for i in range(count) for j in range(batch_size)]
     images = torch.stack([dataset[i][0] for i in take]).to(device)
@@ -236,8 +287,8 @@ def measure_speedups(methods: dict[str, Any], dataset, indices: Sequence[int], *
     base = times["Baseline"]
     out = {}
     for name, ts in times.items():
-        ratios = np.array([b / t for b, t in zip(base, ts)])
-        out[name] = {"speedup": statistics.median(ratios.tolist()), "speedup_q25": float(np.percentile(ratios, 25)),
+        ratios = [b / t for b, t in zip(base, ts)]
+        out[name] = {"speedup": paired_ratio(base, ts), "speedup_q25": float(np.percentile(ratios, 25)),
                      "speedup_q75": float(np.percentile(ratios, 75)), "latency_ms": 1000 * statistics.median(ts),
                      "images_per_s": batch_size / statistics.median(ts)}
     return out
@@ -264,12 +315,14 @@ def tune_table(result: dict[str, Any]) -> str:
         p = r["mcnemar_p_vs_baseline"]
         speedup = "–" if r["speedup"] is None else f"{r['speedup']:.3f}× ({r['speedup_q25']:.2f}–{r['speedup_q75']:.2f})"
         ideal = "–" if r["fraction_of_ideal"] is None else f"{r['fraction_of_ideal']:.2f}"
+        verdict = ("yes" if r["meets"] else "no") + (f"; {SLOWER}: not recommended" if r.get("slower_than_baseline") else "")
         lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['ece']:.2f} | {r['rel_flops']:.3f}× | {speedup} | "
-                     f"{ideal} | {'yes' if r['meets'] else 'no'} | {'–' if p is None else f'{p:.3g}'} |")
+                     f"{ideal} | {verdict} | {'–' if p is None else f'{p:.3g}'} |")
     if result["skipped"]:
         lines.append("\nNot applicable to this model: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
     lines.append("\nFraction of ideal = measured speed-up × relative FLOPs (1 = the time saved is all the FLOPs saved). "
-                 "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
+                 + (f"A candidate {SLOWER} at this batch size is never recommended. " if timed else "")
+                 + "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "
                  "Held-out accuracy ranks candidates; measure the chosen one on the test split: `vitbudget eval --config config.json`.")
     return "\n".join(lines) + "\n"
 
@@ -278,5 +331,5 @@ class NoCandidateMeetsTarget(VitbudgetError):
     """No candidate reached the target in the tuner's measurements."""
 
 
-__all__ = ["Candidate", "NoCandidateMeetsTarget", "default_candidates", "holdout_indices", "measure_speedups", "recommend", "tune",
+__all__ = ["Candidate", "NoCandidateMeetsTarget", "checkpoint_names", "content_digest", "default_candidates", "holdout_indices", "measure_speedups", "recommend", "tune",
            "tune_table", "tome_rs"]

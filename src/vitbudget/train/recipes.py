@@ -30,7 +30,7 @@ class Recipe:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
-    seed: int = 0
+    seed: int = 0  # initialisation, epoch order, augmentation; the train_limit subset is the same at every seed
     augment: str = "pad_crop_flip"  # AUGMENTATIONS; pad_crop_flip pads by img_size // 8 (4 px at 32 px)
     # normalisation of a model trained from scratch; None = computed from the training split (data.stats),
     # never another data set's. A fine-tuned model keeps its checkpoint's.

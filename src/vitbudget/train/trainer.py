@@ -174,7 +174,7 @@ class Trainer:
             self.step_fn = DistributedDataParallel(self.train_step, device_ids=ids, static_graph=True, forward_sync_buffers=False)
             if self.dist.rank:  # the model is initialised alike; noise (dropout, Gumbel) differs per rank
                 torch.manual_seed(distributed.rank_seed(recipe.seed, self.dist))
-        self.train_indices = subset_indices(len(self.train_set), recipe.train_limit, recipe.seed)
+        self.train_indices = subset_indices(len(self.train_set), recipe.train_limit)  # the same images at every seed: see subset_indices
         self.steps_per_epoch = len(self.train_indices) // recipe.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch size {recipe.batch_size} exceeds the {len(self.train_indices)} training images")
@@ -245,7 +245,7 @@ class Trainer:
         return total, distributed.mean_over_ranks({k: float(v.detach()) for k, v in parts.items()})
 
     def evaluate(self, limit: int | None) -> dict[str, float]:
-        indices = subset_indices(len(self.test_set), limit, seed=0)
+        indices = subset_indices(len(self.test_set), limit)
         pred = predict(self.method, self.test_set, indices, batch_size=256, workers=self.workers, device=self.device, progress=False,
                        dtype=self.recipe.dtype)
         self.method.train()
