@@ -195,6 +195,14 @@ RECIPES.update({
         freeze=["patch_embed.", "cls_token", "pos_embed", *(f"blocks.{i}." for i in range(4))],
         lr_scales=[("head", 10.0), *((f"blocks.{i}.", 0.5) for i in range(4, 8))],
     ),
+    # Stage 2 (`--init` the stage-1 model above): a further 0.32 epoch (16 000 images drawn from the
+    # whole training split, so most are new to the model) at a lower peak lr, first four blocks still frozen.
+    "vits14_cifar10_stage2": finetune(
+        "vits14_cifar10_stage2", arch=VITS14, epochs=0.32, batch_size=64, lr=3e-5, min_lr=1e-6, warmup_epochs=0.02, train_limit=None,
+        eval_limit=1000, final_eval_limit=1000, save_every_steps=10, new_head=False,
+        freeze=["patch_embed.", "cls_token", "pos_embed", *(f"blocks.{i}." for i in range(4))],
+        lr_scales=[("head", 3.0), *((f"blocks.{i}.", 0.5) for i in range(4, 8))],
+    ),
     # Control: a linear probe (head only, backbone frozen) at the same resolution and augmentation.
     "vits14_cifar10_probe": finetune(
         "vits14_cifar10_probe", arch=VITS14, epochs=1, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_epochs=0.05, train_limit=5000,
