@@ -35,6 +35,8 @@ running — what the removing path executes and what FLOPs A-ViT reports. The de
 show that it ran all N tokens. `halting_depth(record)` gives, per original token (prefix first),
 the number of blocks it executed (built on demand: the removing path only keeps what each block
 ran); `token_map` draws it per patch.
+The patch grid (`RunOutput.patch_grid`, docs/dense.md) holds each token at halting: the output of
+the last block it ran (its own halting, or its image's CLS halting), the same in both executions.
 
 The prior loss reads q, the per-block halting distribution. `q_mode` chooses its definition:
 
