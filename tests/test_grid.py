@@ -253,3 +253,16 @@ def test_multicrop_has_no_single_grid(model):
     out = run(build_method("multicrop", model))
     with pytest.raises(ConfigError, match="multicrop has no single patch grid"):
         out.patch_grid()
+
+
+@pytest.mark.parametrize("name, opts", [("tome", {"r": 3}), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True})])
+def test_compiled_runs_give_the_same_grid(model, name, opts):
+    """The run's grid bookkeeping (references in TokenState.history) survives torch.compile without a graph break."""
+    from vitbudget.methods.compiled import CompiledMethod
+
+    method = build_method(name, model, **opts).eval()
+    torch._dynamo.reset()
+    compiled = CompiledMethod(method, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        eager, out = method(X), compiled(X)
+    torch.testing.assert_close(out.patch_grid(), eager.patch_grid(), rtol=1e-5, atol=1e-5)
