@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..runtime.cost import block_macs
+from ..runtime.grid import FINAL_TOKENS
 from ..runtime.token_map import TokenMap
 from ..runtime.attention import AttentionInfo, multihead_attention
 from ..runtime.runner import ExecutionRecord, RunOutput
@@ -190,6 +191,7 @@ class ABS(Method):
         record.add_macs(self.scorer_macs(n) + float(block_macs(self.k + p, model.cfg)))
         record.aux["abs_selected"] = selected.cpu()
         record.aux["abs_scores"] = scores.detach().float().cpu()
+        record.aux[FINAL_TOKENS] = state.replace(x=x)
         return model.forward_head(model.norm(x), state.key_mask)
 
     def token_map(self, out: RunOutput) -> TokenMap | None:

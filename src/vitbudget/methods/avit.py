@@ -35,6 +35,8 @@ running — what the removing path executes and what FLOPs A-ViT reports. The de
 show that it ran all N tokens. `halting_depth(record)` gives, per original token (prefix first),
 the number of blocks it executed (built on demand: the removing path only keeps what each block
 ran); `token_map` draws it per patch.
+The patch grid (`RunOutput.patch_grid`, docs/dense.md) holds each token at halting: the output of
+the last block it ran (its own halting, or its image's CLS halting), the same in both executions.
 
 The prior loss reads q, the per-block halting distribution. `q_mode` chooses its definition:
 
@@ -144,14 +146,6 @@ def log_prior(depth: int, target: float, std: float, kind: str = "normalized") -
     return (density * (0.98 / head)).log().float()
 
 
-def _select_images(state: TokenState, rows: Tensor) -> TokenState:
-    """The images `rows` (indices into the batch) of `state`, with all their per-token bookkeeping."""
-    changes = {name: getattr(state, name).index_select(0, rows)
-               for name in ("x", "patch_ids", "key_mask", "policy", "size") if getattr(state, name) is not None}
-    extras = {name: t.index_select(0, rows) for name, t in state.extras.items()}
-    return state.replace(**changes, extras=extras)
-
-
 def halting_depth(record: ExecutionRecord) -> Tensor:
     """(B, N) blocks each original token executed (prefix first), from an A-ViT run's record.
 
@@ -207,10 +201,13 @@ class AViT(Method):
         """state.x is (B, 1, D): the halting-weighted sum of CLS outputs; final norm, then head."""
         return model.forward_head(model.norm(state.x))
 
-    def _finish(self, acc: Tensor, record: ExecutionRecord) -> RunOutput:
+    def _finish(self, acc: Tensor, record: ExecutionRecord, last: TokenState) -> RunOutput:
+        """The readout state (B, 1, D); its history ends with `last`, the tokens as they were when the
+        run stopped (with earlier snapshots: each patch's state at halting, for the patch grid)."""
         B = acc.shape[0]
-        state = TokenState(x=acc[:, None], patch_ids=torch.full((B, 1), -1, device=acc.device, dtype=torch.long), num_prefix=1)
-        return RunOutput(logits=self.finish(self.model, state, record), state=state, record=record)
+        state = TokenState(x=acc[:, None], patch_ids=torch.full((B, 1), -1, device=acc.device, dtype=torch.long), num_prefix=1,
+                           history=last.history + (last.snapshot(),))
+        return RunOutput(logits=self.finish(self.model, state, record), state=state, record=record, model=self.model)
 
     # -- dense + masked: training, and the official code's inference --
     def forward_dense(self, images: Tensor) -> RunOutput:
@@ -224,6 +221,7 @@ class AViT(Method):
         running = torch.ones(B, N, dtype=torch.bool, device=x.device)
         acc = x.new_zeros(B, D)
         executed = torch.zeros(B, N, dtype=torch.long, device=x.device)
+        at_halting = x  # each token's output of the last block the removing path would run it in (patch grid)
         halt_depth = torch.full((B, N), depth, dtype=torch.long, device=x.device)
         q, halted_per_block = [], []
         for i, block in enumerate(model.blocks):
@@ -235,6 +233,7 @@ class AViT(Method):
             # training packs the running tokens (same maths, less work); dense inference computes
             # every token as the official code does, to show what that costs
             out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record, pack=self.training).x
+            at_halting = out if key_mask is None else torch.where(needed[..., None], out, at_halting)
             counts = needed.sum(dim=1)
             record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
             h_raw = self.halting_score(out)
@@ -262,7 +261,7 @@ class AViT(Method):
                 self.halt_counts += distributed.global_sum(torch.stack(halted_per_block).to(self.halt_counts))  # all ranks' tokens
         record.aux.update(avit_depth=executed, avit_ponder=rho, avit_q=torch.stack(q), avit_halt_depth=halt_depth)
         record.aux["avit_last"] = (state.replace(x=out, key_mask=needed), None)  # what the last block ran (stacks)
-        return self._finish(acc, record)
+        return self._finish(acc, record, state.replace(x=at_halting))
 
     @staticmethod
     def halted_output(block: nn.Module, x: Tensor, running: Tensor) -> Tensor:
@@ -338,12 +337,12 @@ class AViT(Method):
                         record.add_widths(0, 0, 0)
                     break
                 active, acc, R, keep = full[rows], acc[rows], R[rows], keep[rows]
-                state = _select_images(state, rows)
+                state = state.select_images(rows)
             state = state.compact(keep)
             if state.key_mask is not None:
                 state.extras["avit_c"] = state.extras["avit_c"].masked_fill(~state.key_mask, float("-inf"))
         record.aux["avit_trace"] = (trace, N)
-        return self._finish(output, record)
+        return self._finish(output, record, state)
 
     def _forward_single_cpu(self, images: Tensor) -> RunOutput:
         """`forward_removing` for one image on the CPU, its ACT bookkeeping in NumPy.
@@ -387,10 +386,9 @@ class AViT(Method):
             if halted.any():
                 keep = np.flatnonzero(~halted)
                 pos, c = pos[keep], c[keep]
-                state = TokenState(x=state.x.index_select(1, torch.from_numpy(keep)), patch_ids=torch.from_numpy(np.maximum(pos - state.num_prefix, -1))[None],
-                                   num_prefix=state.num_prefix)
+                state = state.gather(torch.from_numpy(keep)[None])
         record.aux["avit_trace"] = (trace, N)
-        return self._finish(acc[None], record)
+        return self._finish(acc[None], record, state)
 
     # -- halting scores of the removing path (`HaltingReplay` scripts them) --
     def block_scores(self, out: Tensor, index: int, active: Tensor | None, positions: Tensor) -> Tensor:

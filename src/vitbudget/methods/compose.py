@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..runtime.attention import AttentionInfo
 from ..runtime.cost import block_macs
+from ..runtime.grid import FINAL_TOKENS
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
 from ..runtime.state import TokenState
 from ..runtime.token_map import TokenMap
@@ -142,6 +143,7 @@ class Stack(Method):
         if self.refining:
             state, macs, _ = self.refine(state, record)
             record.add_macs(macs)
+            record.aux[FINAL_TOKENS] = state
         return self.reducer.finish(model, state, record)
 
     # -- the refinement itself --
@@ -209,7 +211,8 @@ class Stack(Method):
         readout = out.state.x[:, 0]
         x = last_state.x.clone()
         x[:, 0] = readout.index_select(0, rows)  # the halting-weighted CLS takes the CLS slot
-        tokens = TokenState(x=x, patch_ids=last_state.patch_ids, num_prefix=last_state.num_prefix, key_mask=last_state.key_mask)
+        tokens = TokenState(x=x, patch_ids=last_state.patch_ids, num_prefix=last_state.num_prefix, key_mask=last_state.key_mask,
+                            batch_index=last_state.batch_index)
         if self.refiner.drawn is not None:  # the random draw of the images still running
             self.refiner.drawn = self.refiner.drawn.index_select(0, rows)
         tokens = self._take_scores(tokens, self.refiner.after_block(self.model.cfg.depth - 2, tokens, AttentionInfo(), record), record)
@@ -221,7 +224,8 @@ class Stack(Method):
             ids = record.aux["abs_selected"]
             record.aux["abs_selected"] = torch.full((B, ids.shape[1]), -1, dtype=ids.dtype).index_copy(0, rows_cpu, ids)
         final = out.state.replace(x=readout.index_copy(0, rows, refined.x[:, 0])[:, None])
-        return RunOutput(logits=self.reducer.finish(self.model, final, record), state=out.state, record=record)
+        record.aux[FINAL_TOKENS] = out.state.replace(history=out.state.history + (refined.snapshot(),))  # refined written back
+        return RunOutput(logits=self.reducer.finish(self.model, final, record), state=out.state, record=record, model=self.model)
 
     # -- training, pictures, reports --
     def extra_losses(self, out: RunOutput, targets: Tensor, teacher: RunOutput | None) -> dict[str, Tensor]:

@@ -349,7 +349,7 @@ class PredictorMethod(Method):
         keep = hard if prev is None else hard * prev  # monotone: once dropped, dropped for good
         record.aux.setdefault("decisions", []).append(keep)
         policy = torch.cat([torch.ones_like(keep[:, :p]) if p else keep[:, :0], keep], dim=1)
-        return state.replace(policy=policy)
+        return state.mask(policy)
 
     def finish(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> Tensor:
         if state.policy is None:

@@ -93,7 +93,7 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenSta
     new_x = weighted.gather(1, keep[..., None].expand(-1, -1, d)) / new_size[..., None]
     if p:  # prefix tokens are never merged: exactly themselves, whatever their size
         new_x[:, :p] = x[:, :p]
-    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={})
+    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={}, history=state.merged(src_pos, dst_pos))
     return new, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
 
 

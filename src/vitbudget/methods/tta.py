@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..runtime.cost import block_macs, stem_macs
+from ..runtime.grid import FINAL_TOKENS, NO_GRID
 from ..models.config import ViTConfig
 from ..runtime.runner import ExecutionRecord, RunOutput, run
 from ..runtime.state import TokenState
@@ -82,6 +83,10 @@ class MultiCropOptions:
             raise ConfigError(f"--crop-fraction must be in (0, 1], got {self.crop_fraction}")
 
 
+MULTICROP_NO_GRID = ("multicrop has no single patch grid: its five crops see different parts of the image; "
+                     "take the grid of a single-view method")
+
+
 class MultiCrop(Method):
     """Centre and four corner crops, each resized back to the input size; probabilities averaged.
 
@@ -111,11 +116,11 @@ class MultiCrop(Method):
         else:
             logp = out.logits.float().log_softmax(dim=-1).reshape(self.NUM_CROPS, B, -1)
             logits = torch.logsumexp(logp, dim=0) - math.log(self.NUM_CROPS)
-        return RunOutput(logits=logits, state=out.state, record=self._fold(out.record, B))
+        return RunOutput(logits=logits, state=out.state, record=self._fold(out.record, B), model=self.model)
 
     def _fold(self, inner: ExecutionRecord, B: int) -> ExecutionRecord:
         """A (5B)-image record -> a B-image record charging each image its five passes."""
-        record = ExecutionRecord(batch_size=B, aux={"multicrop_crops": self.NUM_CROPS})
+        record = ExecutionRecord(batch_size=B, aux={"multicrop_crops": self.NUM_CROPS, NO_GRID: MULTICROP_NO_GRID})
         for crop in range(self.NUM_CROPS):
             record.attn_tokens += [t.reshape(self.NUM_CROPS, B)[crop] for t in inner.attn_tokens]
             record.mlp_tokens += [t.reshape(self.NUM_CROPS, B)[crop] for t in inner.mlp_tokens]
@@ -142,6 +147,7 @@ class UniformDepth(Method):
     def finish(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> Tensor:
         x = apply_extra_block(self.block, state.x, state.key_mask)
         record.add_macs(block_macs(state.num_tokens().cpu().double(), model.cfg))
+        record.aux[FINAL_TOKENS] = state.replace(x=x)
         return model.forward_head(model.norm(x), state.key_mask)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,6 +19,12 @@ class TokenState:
     policy: (B, N) float keep mask for training-mode masking (tokens stay, attention ignores them).
     size: (B, N) float number of original patches a token stands for (merging).
     extras: per-token tensors (B, N, ...) a method wants gathered along with the tokens.
+    batch_index: (B,) index of each image in the batch the run began with (images can leave a
+        batch: `select_images`); None = that batch, in order.
+    history: what the patch grid (`runtime.grid`) needs of tokens no longer here, oldest first:
+        a `Snapshot` of the state before tokens left it (`gather`, `compact`, `select_images`,
+        `mask`) and a `Merge` per merging step. Only references to tensors the run made anyway:
+        nothing is computed for it until a grid is asked for.
     """
 
     x: Tensor
@@ -27,6 +34,8 @@ class TokenState:
     policy: Tensor | None = None
     size: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    batch_index: Tensor | None = None
+    history: tuple = ()
 
     @classmethod
     def initial(cls, x: Tensor, num_prefix: int) -> "TokenState":
@@ -76,7 +85,27 @@ class TokenState:
 
         new = {name: take(t) for name, t in self._per_token_fields().items()}
         extras = {name: take(t) for name, t in self.extras.items()}
-        return self.replace(**new, extras=extras)
+        return self.replace(**new, extras=extras, history=self.history + (self.snapshot(),))
+
+    def snapshot(self) -> "Snapshot":
+        """These tokens as they are now (references, no copy), for the patch grid."""
+        return Snapshot(self.x, self.patch_ids, self.key_mask, self.policy, self.batch_index)
+
+    def merged(self, src: Tensor, dst: Tensor) -> tuple:
+        """`history` after tokens at positions `src` (B, r) merged into those at `dst` (B, r) of this state."""
+        return self.history + (Merge(self.patch_ids, src, dst, self.batch_index),)
+
+    def mask(self, policy: Tensor) -> "TokenState":
+        """The state under a new keep `policy` (training-mode pruning); tokens it drops keep, for the
+        patch grid, their features as they are now (the masked path keeps computing them)."""
+        return self.replace(policy=policy, history=self.history + (self.snapshot(),))
+
+    def select_images(self, rows: Tensor) -> "TokenState":
+        """Images `rows` (indices into this batch) with all their bookkeeping; the others leave the run."""
+        changes = {name: t.index_select(0, rows) for name, t in self._per_token_fields().items()}
+        extras = {name: t.index_select(0, rows) for name, t in self.extras.items()}
+        index = rows if self.batch_index is None else self.batch_index.index_select(0, rows)
+        return self.replace(**changes, extras=extras, batch_index=index, history=self.history + (self.snapshot(),))
 
     def keep_top_patches(self, scores: Tensor, k: int) -> "TokenState":
         """Keep the prefix and the k highest-scoring patch tokens, in their original order.
@@ -121,6 +150,27 @@ class TokenState:
             ids[~self.key_mask] = num_patches
         out.scatter_(1, ids, values)
         return out[:, :num_patches]
+
+
+class Snapshot(NamedTuple):
+    """Tokens of a state at one moment (what `TokenState.snapshot` keeps): a patch that leaves
+    afterwards has these features in the patch grid. Real tokens: key_mask and policy > 0.5."""
+
+    x: Tensor
+    patch_ids: Tensor
+    key_mask: Tensor | None
+    policy: Tensor | None
+    batch_index: Tensor | None
+
+
+class Merge(NamedTuple):
+    """One merging step: tokens at positions `src` (B, r) of a state with `patch_ids` (B, N) joined
+    those at `dst`; in the patch grid, their patches take the features of the token they joined."""
+
+    patch_ids: Tensor
+    src: Tensor
+    dst: Tensor
+    batch_index: Tensor | None
 
 
 @dataclass
