@@ -115,6 +115,13 @@ class RunOutput:
     logits: Tensor
     state: TokenState
     record: ExecutionRecord
+    model: nn.Module | None = field(default=None, repr=False)  # the ViT that ran, for patch_grid
+
+    def patch_grid(self, norm: bool = True) -> Tensor:
+        """(B, H, W, C) features of every original patch at the end of the run (what dense heads read)."""
+        from .grid import patch_grid
+
+        return patch_grid(self, self.model, norm)
 
 
 PACK_MIN_PADDING = 1 / 16  # pack when at least this fraction of a padded batch is padding
@@ -192,4 +199,4 @@ def run(model: nn.Module, images: Tensor, hooks: Hooks | None = None) -> RunOutp
         state = hooks.before_block(index, state, record)
         state = run_block(block, index, state, hooks, record)
     logits = hooks.finish(model, state, record)
-    return RunOutput(logits=logits, state=state, record=record)
+    return RunOutput(logits=logits, state=state, record=record, model=model)
