@@ -70,3 +70,11 @@ def write_photos(root: Path, sizes=((60, 90), (100, 50), (300, 400)), seed: int 
         pixels = np.clip(rng.normal(60, 20, (h, w, 3)) + 150 * disc[..., None], 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(root / f"photo{i}.{'png' if i % 2 else 'jpg'}")
     return root
+
+
+def one_error_line(capsys) -> str:
+    """The one `vitbudget: error:` line a bad input must produce (no traceback)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("vitbudget: error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]

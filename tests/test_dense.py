@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dense_fixtures import TINY_DINO, random_decoder, write_photos, write_saliency_dir
+from dense_fixtures import TINY_DINO, one_error_line, random_decoder, write_photos, write_saliency_dir
 from vitbudget.cli import main
 from vitbudget.eval import dense_metrics as dm
 from vitbudget.models.heads import load_dense_model, load_head
@@ -72,13 +72,6 @@ def test_eval_saliency_command(tmp_path, saliency_dir, photos, capsys):
     assert report["data"]["images"] == 3 and (out / "maps.png").stat().st_size > 0 and (out / "results.md").is_file()
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("vitbudget: error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
-
-
 def test_task_without_a_head_is_one_error_line(tmp_path, photos, capsys):
     from conftest import make_model
     from vitbudget.models import save_model
@@ -120,3 +113,17 @@ def test_load_head_refuses_unknown_and_missing(tmp_path, saliency_dir):
         load_head(saliency_dir, "depth")
     with pytest.raises(ConfigError, match="has no saliency head"):
         load_head(tmp_path, "saliency")
+
+
+def test_pipeline_is_the_head_on_the_final_normed_patch_tokens(saliency_dir):
+    """method -> patch_grid(norm=True) -> head equals the head on model.forward_features' patch tokens (plain forward)."""
+    from vitbudget.eval.dense import DensePipeline
+    from vitbudget.methods import build_method
+
+    model, head = load_dense_model(saliency_dir)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, _ = DensePipeline(build_method("baseline", model), head)(x)
+        tokens = model.forward_features(x)[:, model.num_prefix_tokens:].reshape(2, 16, 16, -1)
+        want = head(tokens, (224, 224))
+    torch.testing.assert_close(got, want)

@@ -105,7 +105,8 @@ def test_area_resize_golden():
     """Shrinking 3 -> 2 pixels: output i averages [1.5 i, 1.5 (i + 1)): (a + b/2) / 1.5 and (b/2 + c) / 1.5."""
     row = np.array([[[30], [60], [90]]], dtype=np.uint8)
     assert area_resize(row, 1, 2)[0, :, 0].tolist() == [40, 80]
-    assert area_resize(np.array([[[10], [11]], [[20], [21]]], dtype=np.uint8), 1, 1)[0, 0, 0] == 16  # 15.5 rounds up (whole scale)
+    assert area_resize(np.array([[[10], [11]], [[18], [19]]], dtype=np.uint8), 1, 1)[0, 0, 0] == 15  # 14.5 rounds up (whole scale)
+    assert area_resize(np.array([[[10], [11], [18]]], dtype=np.uint8), 1, 2)[0, :, 0].tolist() == [10, 16]  # 15.667 -> 16; 10.333 -> 10
 
 
 def test_letterbox_geometry():

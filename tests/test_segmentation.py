@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import make_model
+from dense_fixtures import one_error_line
 from vitbudget.cli import main
 from vitbudget.data.segmentation import SegmentationFolder
 from vitbudget.models import ViTConfig, load_model, save_model
@@ -91,13 +92,6 @@ def test_train_segmentation_probe(tmp_path, shapes, backbone, capsys):
     model = load_model(backbone)
     val = SegmentationFolder(shapes, "validation", 32, model.info.preprocess, 3)
     assert base["miou"] == pytest.approx(independent_miou(head.eval(), model, val), abs=1e-9)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("vitbudget: error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
 
 
 @pytest.mark.parametrize("case, message", [
