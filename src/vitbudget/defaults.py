@@ -1,4 +1,4 @@
-"""Where the embedded defaults live: the shared reference model and CIFAR-10 archive."""
+"""Where the embedded defaults live: the shared reference models, the CIFAR-10 archive and sample photos."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = "models/vit_tiny_p4_cifar10.safetensors"
 DEFAULT_DATA = "data/cifar10-jpeg.tar.gz"
+# dense tasks (`--task saliency`): the pretrained ViT-S/14 with its saliency decoder, and unlabelled photos
+DEFAULT_DENSE_MODEL = "models/vits14_saliency"
+DEFAULT_PHOTOS = "data/imagenet-sample-250.tar.gz"
 
 
 def shared_dir() -> Path | None:

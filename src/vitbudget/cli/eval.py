@@ -23,6 +23,8 @@ EPILOG = """examples:
   torchrun --standalone --nproc_per_node 4 -m vitbudget eval --method evit --device cuda --out runs/evit
       (whole batches dealt to 4 processes and gathered: the same results as one process; speed timed on rank 0)
   vitbudget eval --config runs/tune/config.json --data imgs/    # the setting `vitbudget tune` chose, on the test split
+  vitbudget eval --task saliency --model vits14_saliency/ --data photos/ --method tome --out runs/sal
+      (dense: maps vs the unmodified model's, OUT/maps.png side by side; docs/saliency.md)
 
 Writes OUT/results.json (every number, the machine and the command), OUT/results.md (a table)
 and OUT/predictions.npz (per-image predictions for paired tests). Speed ratios compare each
@@ -37,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(ev)
+    ev.add_argument("--task", choices=["classification", "saliency"], default="classification",
+                    help="classification (the ViT's own head), or saliency: the model directory's dense head on the patch grid, "
+                         "scored against the unmodified model's maps (see docs/saliency.md; default classification)")
     ev.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
     ev.add_argument("--split", default="test", help="split folder inside --data (default: test)")
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate a fixed pseudo-random subset of this many images")
@@ -66,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.task != "classification":
+        from . import eval_dense
+
+        return eval_dense.run(args)
     from ..data import EvalTransform, subset_indices
     from ..devices import autocast
 

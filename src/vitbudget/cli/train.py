@@ -20,6 +20,8 @@ EPILOG = """examples:
   vitbudget train --recipe vit_tiny_p4_cifar10 --out runs/ref   # reproduces the reference model (~2 h, 2 cores)
   vitbudget train --recipe vit_tiny_p4_cifar10 --init ref.safetensors --epochs 2 --lr 1e-4 --out runs/ft
   vitbudget train --recipe spot_cifar10 --init ref.safetensors --out runs/spot      # teacher = --init
+  vitbudget train --task segmentation --data ade_like/ --init vits14_saliency/ --method tome --out runs/seg
+      (linear head on the frozen backbone's patch grid; mIoU of baseline and the method; docs/saliency.md)
   vitbudget train --recipe avit_cifar10 --init ref.safetensors --target-depth 6 --out runs/avit_d6
   torchrun --standalone --nproc_per_node 4 -m vitbudget train --recipe spot_cifar10 --init ref.safetensors --device cuda --out runs/spot
       (DDP: the recipe's global batch split over 4 processes; rank 0 writes; resume with 4 again)
@@ -35,8 +37,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a ViT (or a method around one) with a recipe; resumable",
                         description="Train or fine-tune with a named recipe. Re-running the same command resumes.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--recipe", required=True, choices=[*GENERIC, *sorted(RECIPES)],
-                    help="'scratch' or 'finetune' for any image folder (sizes, classes and normalisation from the data), or a named preset")
+    tr.add_argument("--recipe", default=None, choices=[*GENERIC, *sorted(RECIPES)],
+                    help="'scratch' or 'finetune' for any image folder (sizes, classes and normalisation from the data), or a named preset "
+                         "(required for classification)")
+    tr.add_argument("--task", choices=["classification", "segmentation"], default="classification",
+                    help="classification (recipes), or segmentation: a linear head on the frozen --init backbone's patch grid, trained on "
+                         "--data images/ + annotations/ (training/, validation/), mIoU of the baseline and --method (docs/saliency.md)")
     tr.add_argument("--arch", default=None, choices=sorted(ARCHS), help="scratch: transformer shape (default vit_tiny)")
     tr.add_argument("--img-size", type=positive_int, default=None, help="scratch: input size (default: the data's most common short side); "
                     "finetune: resample the checkpoint's position embeddings to this size")
@@ -75,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.task == "segmentation":
+        from . import train_seg
+
+        return train_seg.run(args)
+    if args.recipe is None:
+        raise ConfigError("the following argument is required: --recipe (or --task segmentation)")
     from ..models import load_model
     from ..train import GENERIC, Trainer, get_recipe, recipe_for_data
 
