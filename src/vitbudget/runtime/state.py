@@ -18,6 +18,8 @@ class TokenState:
     policy: (B, N) float keep mask for training-mode masking (tokens stay, attention ignores them).
     size: (B, N) float number of original patches a token stands for (merging).
     extras: per-token tensors (B, N, ...) a method wants gathered along with the tokens.
+    next_attention: (B, H, N, N) attention probabilities the next block uses instead of its own
+        softmax(q k^T) (MCTF's one-step-ahead attention); set in `before_block`, consumed by that block.
     """
 
     x: Tensor
@@ -27,6 +29,7 @@ class TokenState:
     policy: Tensor | None = None
     size: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    next_attention: Tensor | None = None
 
     @classmethod
     def initial(cls, x: Tensor, num_prefix: int) -> "TokenState":
