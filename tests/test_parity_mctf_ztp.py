@@ -172,6 +172,30 @@ def test_mctf_matches_the_reference(case):
     assert (out.logits - model(x)).abs().max() > 10 * ATOL  # it really merged
 
 
+@pytest.mark.parametrize("pooling", [0, 1, 2, 3])
+@pytest.mark.parametrize("bidirection", [True, False])
+def test_mctf_merge_step_matches_the_reference(pooling, bidirection):
+    """One merge on random tokens, sizes and attention (rows that differ, unlike a model's similar
+    tokens): features, sizes and the one-step-ahead attention, each image against `merge_wavg`."""
+    from vitbudget.methods.mctf import MCTFOptions, merge
+    from vitbudget.runtime.state import TokenState
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 21, 8, generator=g)
+    size = 1 + torch.randint(0, 3, (2, 21), generator=g).float()
+    probs = (3 * torch.randn(2, 2, 21, 21, generator=g)).softmax(dim=-1)
+    opts = MCTFOptions(r=6, bidirection=bidirection, pooling_type=pooling)
+    state = TokenState.initial(x, 1).replace(size=size)
+    new, _ = merge(state, probs, 6, opts, ahead=True)
+    ref = dict(tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirection=bidirection)
+    for b in range(2):
+        groups = reference_groups(x[b], probs[b], size[b], 6, ref)
+        new_x, new_size, new_probs = reference_pool(groups, x[b], probs[b], size[b], pooling)
+        assert torch.allclose(new.x[b], new_x, atol=1e-6) and torch.equal(new.size[b], new_size)
+        assert torch.allclose(new.next_attention[b], new_probs, atol=1e-6)
+        assert new.patch_ids[b].tolist() == [group[0] - 1 for group in groups]  # each slot keeps its first member's id
+
+
 def test_mctf_token_counts_follow_the_references_rule():
     """r 30 on 65 tokens: 35, then the 10-token floor and the half bound: 65 - 30, 35 - 17, 18 - 8."""
     assert [reference_r(30, t, 1) for t in (65, 35, 18, 10)] == [30, 17, 8, 0]
@@ -343,3 +367,13 @@ def test_stacks_with_abs_and_token_maps(name, opts):
     tmap = build_method(name, model, **opts).token_map(alone)
     assert tmap.values.shape == (2, 64) and tmap.label
     assert stack.token_map(refined).outline.sum() > 0
+
+
+def test_tune_sweeps_both():
+    from vitbudget.eval.tune import default_candidates, tome_rs
+
+    cands = default_candidates(cfg(depth=12), families=["mctf", "zerotprune"], stacks=True)
+    assert [c.options["r"] for c in cands if c.method == "mctf"] == tome_rs(64, 11) == [1, 2, 3, 5, 6]
+    assert [c.options["rho"] for c in cands if c.method == "zerotprune"] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert {c.method for c in cands} == {"baseline", "mctf", "mctf+abs", "zerotprune", "zerotprune+abs"}
+    assert any(c.label.startswith("MCTF r 5") for c in cands) and any(c.label.startswith("Zero-TPrune + ABS ρ 0.7") for c in cands)
