@@ -3,8 +3,9 @@
 A user does not want a ρ or an r; they want "1.5× faster on my hardware, losing as little as
 possible". The tuner measures candidates and recommends one:
 
-* candidates: the baseline, the training-free reducers over a grid (EViT and the SPOT heuristic over
-  ρ, ToMe over r scaled to the model's patches per block), each of them followed by ABS (stacks),
+* candidates: the baseline, the training-free reducers over a grid (EViT, the SPOT heuristic and
+  Zero-TPrune over ρ, ToMe and MCTF over r scaled to the model's patches per merging block), each of
+  them followed by ABS (stacks),
   and trained method checkpoints the user passes (with their stacks);
 * accuracy on a held-out part of the TRAINING split, never the test split (`data.holdout_indices`:
   disjoint from every `--train-limit L` subset, at every training seed, while L <= N - holdout).
@@ -49,7 +50,7 @@ from .speed import fraction_of_ideal, paired_ratio, time_interleaved
 
 RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TOME_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)  # r = fraction * patches / depth: 1.0 merges all patches by the last block
-FAMILIES = ("evit", "spot_heuristic", "tome")
+FAMILIES = ("evit", "spot_heuristic", "tome", "mctf", "zerotprune")
 SLOWER = "slower than the unmodified model"  # the mark of a candidate that is never recommended
 
 
@@ -85,6 +86,8 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
     for family in families:
         if family == "tome":
             settings += [("tome", {"r": r}) for r in tome_rs(cfg.num_patches, cfg.depth)]
+        elif family == "mctf":  # merges in every block but the first (its default --activate-layer)
+            settings += [("mctf", {"r": r}) for r in tome_rs(cfg.num_patches, max(1, cfg.depth - 1))]
         else:
             settings += [(family, {"rho": rho}) for rho in RHOS]
     for method, options in settings:

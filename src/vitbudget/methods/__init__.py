@@ -10,6 +10,8 @@ from .tta import MultiCrop, Resolution, UniformDepth
 from .avit import AViT, AViTOptions
 from .evit import EViT, EViTOptions
 from .tome import ToMe, ToMeOptions
+from .mctf import MCTF, MCTFOptions
+from .zerotprune import ZeroTPrune, ZeroTPruneOptions
 from .dynamicvit import DynamicViT, DynamicViTOptions
 from .spot import SPOT, SPOTHeuristic, SPOTOptions
 from .compose import Stack, compose
@@ -20,3 +22,4 @@ __all__ = [
     "build_method", "get_spec", "load_method", "make_options", "register", "save_method",
 ]
 __all__ += ["Stack", "compose"]
+__all__ += ["MCTF", "MCTFOptions", "ZeroTPrune", "ZeroTPruneOptions"]

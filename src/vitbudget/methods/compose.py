@@ -46,13 +46,13 @@ from ..runtime.cost import block_macs
 from ..runtime.grid import FINAL_TOKENS
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
 from ..runtime.state import TokenState
-from ..runtime.token_map import TokenMap
+from ..runtime.token_map import TokenMap, merged_size_map
 from .abs import ABS
 from .avit import AViT
 from .base import Method
 from .registry import MethodSpec, get_spec, set_stack_resolver
 
-REDUCERS = ("tome", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
+REDUCERS = ("tome", "evit", "spot", "spot_heuristic", "dynamicvit", "avit", "mctf", "zerotprune")
 REFINERS = ("abs",)
 ABS_SCORE = "abs_score"  # the extra in which ABS's hooks leave their (B, patch tokens) scores
 TOKEN_SCORE = "stack_abs_score"  # the same scores per token (prefix -inf), so they travel with reductions
@@ -233,7 +233,7 @@ class Stack(Method):
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
         """The reducer's layer (drop stage, halting depth; ToMe: merged sizes) with the refined patches outlined."""
-        base = self.reducer.token_map(out) or _merged_size_map(out, self.model.cfg.num_patches)
+        base = self.reducer.token_map(out) or merged_size_map(out.state, self.model.cfg.num_patches)
         refined = out.record.aux.get("stack_refined")
         if base is None and refined is None:
             return None
@@ -274,15 +274,6 @@ def _carry_scores(before: TokenState, after: TokenState) -> TokenState:
     if TOKEN_SCORE in before.extras and TOKEN_SCORE not in after.extras:
         return after.replace(extras={**after.extras, TOKEN_SCORE: _realign(before, after, before.extras[TOKEN_SCORE])})
     return after
-
-
-def _merged_size_map(out: RunOutput, num_patches: int) -> TokenMap | None:
-    """For merging reducers: each surviving token's size at the patch it kept; blank where merged away."""
-    state = out.state
-    if state.size is None:
-        return None
-    values = state.to_patch_grid(state.size.detach().float(), num_patches).cpu()
-    return TokenMap(values=values, label="patches merged into the token (blank: merged away)", vmin=1.0)
 
 
 # -- building stacks --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from typing import Any
 
 DISPLAY = {
     "baseline": "Baseline", "abs": "ABS", "tome": "ToMe", "evit": "EViT", "spot": "SPOT", "spot_heuristic": "SPOT heuristic",
-    "dynamicvit": "DynamicViT", "avit": "A-ViT", "depth": "Uniform depth", "resolution": "Res scale", "multicrop": "Multi-crop",
+    "dynamicvit": "DynamicViT", "mctf": "MCTF", "zerotprune": "Zero-TPrune", "avit": "A-ViT", "depth": "Uniform depth", "resolution": "Res scale", "multicrop": "Multi-crop",
 }
 SYMBOLS = {"rho": "ρ", "r": "r", "alpha": "α", "target_depth": "d", "scale": "×", "crop_fraction": "crop", "ponder_weight": "ponder"}
 HIDDEN = {"seed", "stages"}  # settings that do not tell curves apart in a legend

@@ -46,7 +46,7 @@ from .registry import register
 
 @dataclass(frozen=True)
 class ToMeOptions:
-    r: int = field(default=8, metadata={"help": "tome: token pairs merged in every block (at most half the patch tokens)"})
+    r: int = field(default=8, metadata={"help": "tome/mctf: tokens merged in every (mctf: every active) block (at most half the patch tokens)"})
 
     def __post_init__(self) -> None:
         if self.r < 0:

@@ -44,6 +44,7 @@ def multihead_attention(
     need_probs: bool = False,
     need_keys: bool = False,
     packing: Packing | None = None,
+    probs: Tensor | None = None,
 ) -> tuple[Tensor, AttentionInfo]:
     """Attention of a timm-layout module on (B, N, C) input, or on packed (T, C) real tokens.
 
@@ -54,7 +55,11 @@ def multihead_attention(
     bias: additive (B, 1, 1, N) logit bias (ToMe's proportional attention adds log sizes).
     policy: (B, N) keep mask in [0, 1] for training-mode pruning (DynamicViT's masked softmax):
         kept queries attend only to kept keys, and gradients reach the policy.
+    probs: (B, H, N, N) attention a method supplies (MCTF's one-step-ahead attention, merged from the
+        block's attention before its tokens were merged): only the values are computed here.
     """
+    if probs is not None:
+        return _given_attention(attn, x, probs), AttentionInfo(probs=probs)
     num_heads = attn.num_heads
     qkv = attn.qkv(x)
     dropout = attn.training and attn.attn_drop.p > 0  # the variable-length kernel has no attention dropout
@@ -92,6 +97,38 @@ def multihead_attention(
     if norm is not None:
         out = norm(out)
     return attn.proj_drop(attn.proj(out)), info
+
+
+def _qkv_rows(attn: nn.Module, x: Tensor, part: slice) -> Tensor:
+    """Rows `part` of the block's own qkv projection (q, k: 0:2C; v: 2C:3C), so only what is needed runs."""
+    bias = attn.qkv.bias
+    return F.linear(x, attn.qkv.weight[part], None if bias is None else bias[part])
+
+
+def attention_probs(attn: nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(B, H, N, N) float32 softmax(q k^T * scale + bias) of a block on (B, N, C) normed input, without values:
+    the attention MCTF reads before the block merges its tokens (q/k-norm applied where the model has one)."""
+    num_heads = attn.num_heads
+    B, N, _ = x.shape
+    width = attn.qkv.weight.shape[0] // 3
+    q, k = _qkv_rows(attn, x, slice(0, 2 * width)).reshape(B, N, 2, num_heads, width // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = (attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1)
+
+
+def _given_attention(attn: nn.Module, x: Tensor, probs: Tensor) -> Tensor:
+    """Output projection of `probs` @ values: the values from the block's own v rows of qkv."""
+    num_heads = attn.num_heads
+    B, N, _ = x.shape
+    width = attn.qkv.weight.shape[0] // 3
+    v = _qkv_rows(attn, x, slice(2 * width, 3 * width)).reshape(B, N, num_heads, width // num_heads).transpose(1, 2)
+    out = (attn.attn_drop(probs).to(v.dtype) @ v).transpose(1, 2).reshape(B, N, width)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    return attn.proj_drop(attn.proj(out))
 
 
 # -- packed variable-length attention (CUDA) -----------------------------------------------------

@@ -138,12 +138,15 @@ def run_block(
     (padding rows are then computed and discarded, as masked implementations do).
     """
     need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
-    packing = _packing(state, hooks, record) if pack else None
+    given = state.next_attention
+    if given is not None:
+        state = state.replace(next_attention=None)
+    packing = _packing(state, hooks, record) if pack and given is None else None
     bias = None if state.size is None else state.size.log()[:, None, None, :].to(state.x.dtype)
     x = state.x if packing is None else packing.pack(state.x)
     attn_out, info = multihead_attention(
         block.attn, block.norm1(x), key_mask=state.key_mask, bias=bias, policy=state.policy,
-        need_probs=need_probs, need_keys=need_keys, packing=packing,
+        need_probs=need_probs, need_keys=need_keys, packing=packing, probs=given,
     )
     tokens = record.tokens_of(state)
     record.attn_tokens.append(tokens)  # stays on device: no sync per block

@@ -25,6 +25,8 @@ class TokenState:
         a `Snapshot` of the state before tokens left it (`gather`, `compact`, `select_images`,
         `mask`) and a `Merge` per merging step. Only references to tensors the run made anyway:
         nothing is computed for it until a grid is asked for.
+    next_attention: (B, H, N, N) attention probabilities the next block uses instead of its own
+        softmax(q k^T) (MCTF's one-step-ahead attention); set in `before_block`, consumed by that block.
     """
 
     x: Tensor
@@ -36,6 +38,7 @@ class TokenState:
     extras: dict[str, Tensor] = field(default_factory=dict)
     batch_index: Tensor | None = None
     history: tuple = ()
+    next_attention: Tensor | None = None
 
     @classmethod
     def initial(cls, x: Tensor, num_prefix: int) -> "TokenState":

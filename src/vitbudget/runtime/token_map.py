@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .state import TokenState
+
 
 @dataclass
 class TokenMap:
@@ -20,3 +22,11 @@ class TokenMap:
     label: str = ""
     vmin: float | None = None
     vmax: float | None = None
+
+
+def merged_size_map(state: TokenState, num_patches: int) -> TokenMap | None:
+    """For merging methods (ToMe, MCTF): each surviving token's size at the patch it kept; blank where merged away."""
+    if state.size is None:
+        return None
+    values = state.to_patch_grid(state.size.detach().float(), num_patches).cpu()
+    return TokenMap(values=values, label="patches merged into the token (blank: merged away)", vmin=1.0)
