@@ -10,6 +10,9 @@ from .tta import MultiCrop, Resolution, UniformDepth
 from .avit import AViT, AViTOptions
 from .evit import EViT, EViTOptions
 from .tome import ToMe, ToMeOptions
+from .pitome import PiToMe, PiToMeOptions
+from .tofu import ToFu, ToFuOptions
+from .thresh import Thresh, ThreshOptions
 from .dynamicvit import DynamicViT, DynamicViTOptions
 from .spot import SPOT, SPOTHeuristic, SPOTOptions
 from .compose import Stack, compose
@@ -19,4 +22,4 @@ __all__ = [
     "Method", "MultiCrop", "Resolution", "SPOT", "SPOTHeuristic", "SPOTOptions", "ToMe", "ToMeOptions", "UniformDepth",
     "build_method", "get_spec", "load_method", "make_options", "register", "save_method",
 ]
-__all__ += ["Stack", "compose"]
+__all__ += ["Stack", "compose", "PiToMe", "PiToMeOptions", "ToFu", "ToFuOptions", "Thresh", "ThreshOptions"]

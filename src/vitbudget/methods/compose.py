@@ -51,7 +51,7 @@ from .avit import AViT
 from .base import Method
 from .registry import MethodSpec, get_spec
 
-REDUCERS = ("tome", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
+REDUCERS = ("tome", "pitome", "tofu", "thresh", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
 REFINERS = ("abs",)
 ABS_SCORE = "abs_score"  # the extra in which ABS's hooks leave their (B, patch tokens) scores
 TOKEN_SCORE = "stack_abs_score"  # the same scores per token (prefix -inf), so they travel with reductions
@@ -229,7 +229,7 @@ class Stack(Method):
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
         """The reducer's layer (drop stage, halting depth; ToMe: merged sizes) with the refined patches outlined."""
-        base = self.reducer.token_map(out) or _merged_size_map(out, self.model.cfg.num_patches)
+        base = self.reducer.token_map(out)
         refined = out.record.aux.get("stack_refined")
         if base is None and refined is None:
             return None
@@ -270,15 +270,6 @@ def _carry_scores(before: TokenState, after: TokenState) -> TokenState:
     if TOKEN_SCORE in before.extras and TOKEN_SCORE not in after.extras:
         return after.replace(extras={**after.extras, TOKEN_SCORE: _realign(before, after, before.extras[TOKEN_SCORE])})
     return after
-
-
-def _merged_size_map(out: RunOutput, num_patches: int) -> TokenMap | None:
-    """For merging reducers: each surviving token's size at the patch it kept; blank where merged away."""
-    state = out.state
-    if state.size is None:
-        return None
-    values = state.to_patch_grid(state.size.detach().float(), num_patches).cpu()
-    return TokenMap(values=values, label="patches merged into the token (blank: merged away)", vmin=1.0)
 
 
 # -- building stacks --------------------------------------------------------------------------------

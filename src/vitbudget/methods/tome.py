@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..runtime.attention import AttentionInfo
-from ..runtime.runner import ExecutionRecord
+from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
+from ..runtime.token_map import TokenMap, size_map
 from .base import Method
 from .registry import register
 
@@ -107,6 +108,27 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenSta
     return new, macs
 
 
+SIZE = "merge_size"  # sizes ride in extras when they must not bias attention (PiToMe, ToFu)
+
+
+def sizes_of(state: TokenState) -> Tensor:
+    """(B, N) sizes of merged tokens, from `size` (proportional attention) or the extras (none); ones if unmerged."""
+    size = state.size if state.size is not None else state.extras.get(SIZE)
+    return size if size is not None else torch.ones(state.x.shape[:2], dtype=state.x.dtype, device=state.x.device)
+
+
+def with_sizes(state: TokenState, size: Tensor, prop_attn: bool, **changes) -> TokenState:
+    """`state` with new sizes where they belong: `size` biases attention, the extras do not."""
+    if prop_attn:
+        return state.replace(size=size, extras={}, **changes)
+    return state.replace(size=None, extras={SIZE: size}, **changes)
+
+
+def merged_token_map(out: RunOutput, num_patches: int) -> TokenMap:
+    """Each surviving token's size at the patch it kept (blank: merged or pruned away)."""
+    return size_map(out.state, sizes_of(out.state), num_patches)
+
+
 def _fixed_positions(n: int, p: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(1, p) prefix positions and (1, Nb - p // 2) positions of the unprotected B tokens: the same for
     every block of a given width, so built once rather than per block (fresh while tracing: a
@@ -149,6 +171,9 @@ class ToMe(Method):
         new, macs = bipartite_merge(state, info.keys.mean(dim=1), r)
         record.add_macs(macs)
         return new
+
+    def token_map(self, out: RunOutput) -> TokenMap | None:
+        return merged_token_map(out, self.model.cfg.num_patches)
 
 
 register("tome", lambda model, opts: ToMe(model, opts), ToMeOptions,

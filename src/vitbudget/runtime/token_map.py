@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .state import TokenState
+
 
 @dataclass
 class TokenMap:
@@ -20,3 +22,9 @@ class TokenMap:
     label: str = ""
     vmin: float | None = None
     vmax: float | None = None
+
+
+def size_map(state: TokenState, size: Tensor, num_patches: int) -> TokenMap:
+    """Merging methods' picture: each surviving token's size (patches merged into it) at the patch it kept."""
+    values = state.to_patch_grid(size.detach().float(), num_patches).cpu()
+    return TokenMap(values=values, label="patches merged into the token (blank: merged away)", vmin=1.0)
