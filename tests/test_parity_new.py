@@ -152,7 +152,7 @@ def tome_matching(metric, r: int, prefix: int):
     partner = {a: max(b_pos, key=lambda b: float(m[a] @ m[b])) for a in a_pos}
     edges = sorted(a_pos, key=lambda a: -float(m[a] @ m[partner[a]]))
     merged = edges[:r]
-    kept = list(range(prefix)) + sorted(edges[r:]) + b_pos
+    kept = list(range(prefix)) + (sorted(edges[r:]) if prefix else edges[r:]) + b_pos  # sorted with a class token only
     return merged, [partner[a] for a in merged], kept
 
 
@@ -185,19 +185,16 @@ def reference_tofu(model, x_images, r: int, mlerp: str = "reference"):
     return run_reference(model, x_images, step)
 
 
-@pytest.mark.parametrize("config", [cfg(), cfg(reg_tokens=3, init_values=0.5), cfg(class_token=False, global_pool="avg")],
-                         ids=["cls", "registers", "avg-pool-sorted"])
+@pytest.mark.parametrize("config", [cfg(depth=6), cfg(depth=6, reg_tokens=3, init_values=0.5), cfg(depth=6, class_token=False, global_pool="avg")],
+                         ids=["cls", "registers", "avg-pool"])
 @pytest.mark.parametrize("mlerp", ["reference", "paper"])
 def test_tofu_matches_the_reference(config, mlerp):
+    """Six blocks: pruning in blocks 0-3, MLERP in 4-5 (in the last block alone it could not reach CLS)."""
     model = perturbed(make_model(config))
     x = images()
-    if not config.class_token:  # ToMe keeps unmerged A in match order without a class token; ToFu prunes them: compare counts only
-        out = method_logits("tofu", model, x, r=6, mlerp=mlerp)
-        assert [int(t[0]) for t in out.record.mlp_tokens] == [58, 52, 46, 40]
-        return
     with torch.no_grad():
-        expected = reference_tofu(model, x, 6, mlerp)
-        out = method_logits("tofu", model, x, r=6, mlerp=mlerp)
+        expected = reference_tofu(model, x, 5, mlerp)
+        out = method_logits("tofu", model, x, r=5, mlerp=mlerp)
     assert torch.allclose(out.logits, expected, atol=ATOL), (out.logits - expected).abs().max()
 
 
