@@ -37,6 +37,8 @@ CASES = {
     "baseline": ("baseline", {}),
     "evit-fuse": ("evit", {"rho": 0.7, "stages": "1,2", "fuse": True}),
     "tome": ("tome", {"r": 3}),
+    "pitome": ("pitome", {"ratio": 0.75}),
+    "tofu": ("tofu", {"r": 3}),
     "dynamicvit": ("dynamicvit", {"rho": 0.7, "stages": "1,2"}),
     "spot": ("spot", {"rho": 0.7, "stages": "1,2"}),
     "spot_heuristic": ("spot_heuristic", {"rho": 0.6, "stages": "1,2"}),
@@ -45,7 +47,7 @@ CASES = {
     "depth": ("depth", {}),
     "avit-dense": ("avit", {"dense": True, "gamma": 1.0, "beta": 0.0}),
 }
-REMOVES_TOKENS = {"evit-fuse", "tome", "dynamicvit", "spot", "spot_heuristic"}
+REMOVES_TOKENS = {"evit-fuse", "tome", "pitome", "tofu", "dynamicvit", "spot", "spot_heuristic"}
 
 
 def eager_widths(method, images) -> dict[str, list[int]]:
