@@ -331,3 +331,24 @@ def test_thresh_refuses_export_and_bad_budget():
         check_exportable(build_method("thresh", model))
     with pytest.raises(ConfigError, match="--budget"):
         build_method("thresh", model, budget="dataset")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacks with ABS and token pictures
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, options", [("pitome", dict(ratio=0.85)), ("tofu", dict(r=5)), ("thresh", THRESH)])
+def test_new_methods_stack_with_abs_and_draw_merged_sizes(name, options):
+    model = thresh_model()
+    x = mixed_images()
+    with torch.no_grad():
+        alone = build_method(name, model, **options)(x)
+        stack = build_method(f"{name}+abs", model, alpha=0.25, **options)
+        out = stack(x)
+    assert torch.equal(out.record.mlp_tokens[-1], alone.record.mlp_tokens[-1])  # the reducer acts as it would alone
+    survivors = out.record.mlp_tokens[-1] - 1
+    assert torch.equal(out.record.aux["stack_refined"].sum(dim=1), (survivors * 0.25 + 0.5).floor().long())  # α of the survivors
+    sizes = build_method(name, model, **options).token_map(alone).values
+    kept = ~sizes.isnan()
+    assert torch.equal(kept.sum(dim=1), survivors)  # one value per surviving token, at the patch it kept
+    if name != "tofu":  # merged sizes add up to the patches (ToFu prunes some in its early blocks)
+        assert torch.equal(sizes.nan_to_num(0).sum(dim=1), torch.full((len(x),), 64.0))
