@@ -325,10 +325,13 @@ def test_thresh_batch_budget_is_tome_with_the_mean_count():
 
 def test_thresh_refuses_export_and_bad_budget():
     from vitbudget.export.trace import check_exportable
+    from vitbudget.methods.compiled import compile_support
 
     model = thresh_model()
     with pytest.raises(ConfigError, match="depend on the pixels"):
         check_exportable(build_method("thresh", model))
+    assert "depend on the pixels" in compile_support(build_method("thresh+abs", model))  # torch.compile allows graph breaks
+    assert compile_support(build_method("pitome", model)) is None and compile_support(build_method("tofu", model)) is None
     with pytest.raises(ConfigError, match="--budget"):
         build_method("thresh", model, budget="dataset")
 
