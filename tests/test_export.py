@@ -39,6 +39,8 @@ CASES = {
     "tome": ("tome", {"r": 3}),
     "mctf": ("mctf", {"r": 2}),
     "zerotprune": ("zerotprune", {"rho": 0.7, "stages": "1,2"}),
+    "pitome": ("pitome", {"ratio": 0.75}),
+    "tofu": ("tofu", {"r": 3}),
     "dynamicvit": ("dynamicvit", {"rho": 0.7, "stages": "1,2"}),
     "spot": ("spot", {"rho": 0.7, "stages": "1,2"}),
     "spot_heuristic": ("spot_heuristic", {"rho": 0.6, "stages": "1,2"}),
@@ -47,7 +49,7 @@ CASES = {
     "depth": ("depth", {}),
     "avit-dense": ("avit", {"dense": True, "gamma": 1.0, "beta": 0.0}),
 }
-REMOVES_TOKENS = {"evit-fuse", "tome", "mctf", "zerotprune", "dynamicvit", "spot", "spot_heuristic"}
+REMOVES_TOKENS = {"evit-fuse", "tome", "mctf", "zerotprune", "pitome", "tofu", "dynamicvit", "spot", "spot_heuristic"}
 
 
 def eager_widths(method, images) -> dict[str, list[int]]:

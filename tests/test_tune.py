@@ -141,6 +141,11 @@ def test_candidate_grid():
     assert not any(c.method.endswith("+abs") for c in default_candidates(TINY, stacks=False))
     with pytest.raises(ConfigError, match="cannot be swept"):
         default_candidates(TINY, families=["spot"])
+    new = default_candidates(TINY, families=["pitome", "tofu", "thresh"], stacks=False)
+    assert [c.options["ratio"] for c in new if c.method == "pitome"] == [0.975, 0.95, 0.925, 0.9, 0.875]
+    assert [c.options["r"] for c in new if c.method == "tofu"] == tome_rs(16, 3)
+    assert [c.options["thr0"] for c in new if c.method == "thresh"] == [0.95, 0.9, 0.85, 0.8, 0.75]
+    assert {c.method for c in default_candidates(TINY)} >= {"pitome+abs", "tofu+abs", "thresh+abs"}
 
 
 # -- the recommendation ----------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu.add_argument("--batch-size", type=positive_int, default=1, help="batch size the speed-up is measured at (default 1; at most --holdout)")
     tu.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     tu.add_argument("--checkpoint", action="append", default=[], metavar="PATH", help="a trained method checkpoint to include (repeatable)")
-    tu.add_argument("--methods", default="evit,spot_heuristic,tome", help="training-free families to sweep, comma-separated (default all)")
+    tu.add_argument("--methods", default=None, help="training-free families to sweep, comma-separated (default: all of them)")
     tu.add_argument("--no-stacks", action="store_true", help="do not try REDUCER+abs stacks")
     tu.add_argument("--stack-alpha", type=finite_float, default=0.2, help="ABS alpha of the stacks (default 0.2)")
     tu.add_argument("--no-speed", action="store_true", help="skip timing (only with --target-flops): a FLOPs-only answer")
@@ -64,7 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..data import EvalTransform, holdout_indices
     from ..eval.machine import describe_machine, machine_info
-    from ..eval.tune import NoCandidateMeetsTarget, default_candidates, tune, tune_table
+    from ..eval.tune import FAMILIES, NoCandidateMeetsTarget, default_candidates, holdout_indices, tune, tune_table
     from ..methods import build_method, load_method
     from ..models import load_model
     from ..models.loading import read_sidecar, sidecar_path
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--checkpoint {path!r} not found")
         saved = read_sidecar(sidecar_path(path)).get("method") or {"name": "baseline"}
         checkpoints.append((str(Path(path).resolve()), saved["name"]))
-    families = [f for f in args.methods.split(",") if f]
+    families = FAMILIES if args.methods is None else [f for f in args.methods.split(",") if f]
     candidates = default_candidates(model.cfg, families=families, stacks=not args.no_stacks, stack_alpha=args.stack_alpha, checkpoints=checkpoints)
     # labels by the model's class names, as `eval` assigns them (--allow-class-mismatch the same way)
     dataset = open_dataset(data_path, args.split, model, EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)

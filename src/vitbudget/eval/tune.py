@@ -4,8 +4,8 @@ A user does not want a ρ or an r; they want "1.5× faster on my hardware, losin
 possible". The tuner measures candidates and recommends one:
 
 * candidates: the baseline, the training-free reducers over a grid (EViT, the SPOT heuristic and
-  Zero-TPrune over ρ, ToMe and MCTF over r scaled to the model's patches per merging block), each of
-  them followed by ABS (stacks),
+  Zero-TPrune over ρ, ToMe, ToFu and MCTF over r scaled to the model's patches per merging block,
+  PiToMe over its keep ratio, threshold merging over its threshold), each of them followed by ABS (stacks),
   and trained method checkpoints the user passes (with their stacks);
 * accuracy on a held-out part of the TRAINING split, never the test split (`data.holdout_indices`:
   disjoint from every `--train-limit L` subset, at every training seed, while L <= N - holdout).
@@ -50,7 +50,9 @@ from .speed import fraction_of_ideal, paired_ratio, time_interleaved
 
 RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TOME_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)  # r = fraction * patches / depth: 1.0 merges all patches by the last block
-FAMILIES = ("evit", "spot_heuristic", "tome", "mctf", "zerotprune")
+PITOME_RATIOS = (0.975, 0.95, 0.925, 0.9, 0.875)  # kept per block; the reference's evaluations use 0.9-0.975
+THRESH_THR0S = (0.95, 0.9, 0.85, 0.8, 0.75)  # key cosine similarity above which a pair merges (no decay)
+FAMILIES = ("evit", "spot_heuristic", "tome", "mctf", "zerotprune", "pitome", "tofu", "thresh")
 SLOWER = "slower than the unmodified model"  # the mark of a candidate that is never recommended
 
 
@@ -84,10 +86,14 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
     out = [Candidate("Baseline", "baseline")]
     settings = []
     for family in families:
-        if family == "tome":
-            settings += [("tome", {"r": r}) for r in tome_rs(cfg.num_patches, cfg.depth)]
+        if family in ("tome", "tofu"):
+            settings += [(family, {"r": r}) for r in tome_rs(cfg.num_patches, cfg.depth)]
         elif family == "mctf":  # merges in every block but the first (its default --activate-layer)
             settings += [("mctf", {"r": r}) for r in tome_rs(cfg.num_patches, max(1, cfg.depth - 1))]
+        elif family == "pitome":
+            settings += [("pitome", {"ratio": ratio}) for ratio in PITOME_RATIOS]
+        elif family == "thresh":
+            settings += [("thresh", {"thr0": thr}) for thr in THRESH_THR0S]
         else:
             settings += [(family, {"rho": rho}) for rho in RHOS]
     for method, options in settings:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..methods.base import Method
+from ..methods.compiled import compile_support
 from ..models.vit import unchecked_values
 
 EXAMPLE_BATCH = 2  # traced with 2 images; 0 and 1 would be specialised into the graph
@@ -68,6 +69,9 @@ def check_exportable(method: Method) -> None:
     opts = method.options
     if method.name == "avit" and getattr(opts, "halting", True) and not getattr(opts, "dense", False):
         raise ConfigError(AVIT_REMOVING)
+    reason = compile_support(method)
+    if reason is not None:
+        raise ConfigError(f"{method.name} cannot be exported: {reason} (a static graph cannot hold them)")
 
 
 def trace(method: Method, device: torch.device | str | None = None) -> torch.export.ExportedProgram:

@@ -12,6 +12,9 @@ from .evit import EViT, EViTOptions
 from .tome import ToMe, ToMeOptions
 from .mctf import MCTF, MCTFOptions
 from .zerotprune import ZeroTPrune, ZeroTPruneOptions
+from .pitome import PiToMe, PiToMeOptions
+from .tofu import ToFu, ToFuOptions
+from .thresh import Thresh, ThreshOptions
 from .dynamicvit import DynamicViT, DynamicViTOptions
 from .spot import SPOT, SPOTHeuristic, SPOTOptions
 from .compose import Stack, compose
@@ -22,4 +25,4 @@ __all__ = [
     "build_method", "get_spec", "load_method", "make_options", "register", "save_method",
 ]
 __all__ += ["Stack", "compose"]
-__all__ += ["MCTF", "MCTFOptions", "ZeroTPrune", "ZeroTPruneOptions"]
+__all__ += ["MCTF", "MCTFOptions", "ZeroTPrune", "ZeroTPruneOptions", "PiToMe", "PiToMeOptions", "ToFu", "ToFuOptions", "Thresh", "ThreshOptions"]

@@ -21,7 +21,8 @@ from ..errors import ConfigError
 from ..runtime.runner import RunOutput
 from .base import Method
 
-DATA_DEPENDENT = {"avit": "A-ViT removes halted tokens, so its shapes depend on the pixels"}
+DATA_DEPENDENT = {"avit": "A-ViT removes halted tokens, so its shapes depend on the pixels",
+                  "thresh": "threshold merging merges as many pairs as pass the threshold, so its shapes depend on the pixels"}
 
 
 def compile_support(method: Method) -> str | None:
@@ -29,6 +30,8 @@ def compile_support(method: Method) -> str | None:
     opts = method.options
     if method.name == "avit" and getattr(opts, "halting", True) and not getattr(opts, "dense", False):
         return DATA_DEPENDENT["avit"]
+    if method.name.split("+")[0] == "thresh":  # alone or as a stack's reducer
+        return DATA_DEPENDENT["thresh"]
     return None
 
 

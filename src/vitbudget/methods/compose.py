@@ -46,13 +46,13 @@ from ..runtime.cost import block_macs
 from ..runtime.grid import FINAL_TOKENS
 from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
 from ..runtime.state import TokenState
-from ..runtime.token_map import TokenMap, merged_size_map
+from ..runtime.token_map import TokenMap
 from .abs import ABS
 from .avit import AViT
 from .base import Method
 from .registry import MethodSpec, get_spec, set_stack_resolver
 
-REDUCERS = ("tome", "evit", "spot", "spot_heuristic", "dynamicvit", "avit", "mctf", "zerotprune")
+REDUCERS = ("tome", "pitome", "tofu", "thresh", "mctf", "zerotprune", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
 REFINERS = ("abs",)
 ABS_SCORE = "abs_score"  # the extra in which ABS's hooks leave their (B, patch tokens) scores
 TOKEN_SCORE = "stack_abs_score"  # the same scores per token (prefix -inf), so they travel with reductions
@@ -233,7 +233,7 @@ class Stack(Method):
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
         """The reducer's layer (drop stage, halting depth; ToMe: merged sizes) with the refined patches outlined."""
-        base = self.reducer.token_map(out) or merged_size_map(out.state, self.model.cfg.num_patches)
+        base = self.reducer.token_map(out)
         refined = out.record.aux.get("stack_refined")
         if base is None and refined is None:
             return None

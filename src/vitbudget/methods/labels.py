@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 DISPLAY = {
-    "baseline": "Baseline", "abs": "ABS", "tome": "ToMe", "evit": "EViT", "spot": "SPOT", "spot_heuristic": "SPOT heuristic",
+    "baseline": "Baseline", "abs": "ABS", "tome": "ToMe", "pitome": "PiToMe", "tofu": "ToFu", "thresh": "Threshold merge", "evit": "EViT", "spot": "SPOT", "spot_heuristic": "SPOT heuristic",
     "dynamicvit": "DynamicViT", "mctf": "MCTF", "zerotprune": "Zero-TPrune", "avit": "A-ViT", "depth": "Uniform depth", "resolution": "Res scale", "multicrop": "Multi-crop",
 }
-SYMBOLS = {"rho": "ρ", "r": "r", "alpha": "α", "target_depth": "d", "scale": "×", "crop_fraction": "crop", "ponder_weight": "ponder"}
+SYMBOLS = {"rho": "ρ", "r": "r", "ratio": "ratio", "thr0": "thr₀", "alpha": "α", "target_depth": "d", "scale": "×", "crop_fraction": "crop", "ponder_weight": "ponder"}
 HIDDEN = {"seed", "stages"}  # settings that do not tell curves apart in a legend
 
 

@@ -56,8 +56,9 @@ from ..errors import ConfigError
 from ..runtime.attention import AttentionInfo, attention_probs
 from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
-from ..runtime.token_map import TokenMap, merged_size_map
+from ..runtime.token_map import TokenMap
 from .base import Method
+from .tome import merged_token_map
 from .predictor import check_stages_in_range, parse_stages
 from .registry import register
 
@@ -262,7 +263,7 @@ class MCTF(Method):
         return new
 
     def token_map(self, out: RunOutput) -> TokenMap | None:
-        return merged_size_map(out.state, self.model.cfg.num_patches)
+        return merged_token_map(out, self.model.cfg.num_patches)
 
 
 register("mctf", lambda model, opts: MCTF(model, opts), MCTFOptions,

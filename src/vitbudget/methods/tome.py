@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..runtime.attention import AttentionInfo
-from ..runtime.runner import ExecutionRecord
+from ..runtime.runner import ExecutionRecord, RunOutput
 from ..runtime.state import TokenState
+from ..runtime.token_map import TokenMap, size_map
 from .base import Method
 from .registry import register
 
@@ -53,16 +54,15 @@ class ToMeOptions:
             raise ConfigError(f"--r must be >= 0 (tokens merged per block), got {self.r}")
 
 
-def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenState, float]:
-    """Merge r tokens of set A (even positions) into set B (odd positions), as ToMe's reference.
+def bipartite_match(state: TokenState, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """ToMe's matching: which r tokens of set A (even positions) go into which of set B (odd positions).
 
-    metric: (B, N, d) similarity features of every token (head-averaged keys). Returns the new
-    state, ordered [prefix, unmerged A, B] (see the module docstring), and the matching MACs per
-    image (the A x B similarity product).
+    metric: (B, N, d) similarity features of every token (head-averaged keys). Returns, as positions
+    in the sequence, the A tokens merged away (B, r), their partners (B, r) and the tokens kept
+    (B, N - r) ordered [prefix, unmerged A, B] (see the module docstring), and the matching MACs per
+    image (the A x B similarity product). ToFu (methods.tofu) matches the same way.
     """
     p = state.num_prefix
-    x = state.x
-    size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
     pa, pb = (p + 1) // 2, p // 2  # prefix tokens at even (A) and odd (B) positions
     with torch.no_grad():  # the matching is a discrete choice, as in the reference
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -80,9 +80,20 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenSta
             unm = unm.sort(dim=-1).values[:, pa:]  # protected A tokens sort first: drop them here
         # positions in the whole sequence (A = even, B = odd): one gather per tensor below, not three
         src_pos, dst_pos = src * 2, node_idx.gather(1, src).mul_(2).add_(1)
-        prefix_pos, b_pos = _fixed_positions(x.shape[1], p, x.device)
-        keep = torch.cat([prefix_pos.expand(x.shape[0], -1), unm * 2, b_pos.expand(x.shape[0], -1)], dim=1)
+        prefix_pos, b_pos = _fixed_positions(state.width, p, metric.device)
+        B = metric.shape[0]
+        keep = torch.cat([prefix_pos.expand(B, -1), unm * 2, b_pos.expand(B, -1)], dim=1)
+    return src_pos, dst_pos, keep, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
 
+
+def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenState, float]:
+    """Merge r tokens of set A into set B by ToMe's matching and size-weighted average.
+
+    Returns the new state, ordered [prefix, unmerged A, B], and the matching MACs per image.
+    """
+    src_pos, dst_pos, keep, macs = bipartite_match(state, metric, r)
+    x, p = state.x, state.num_prefix
+    size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
     # size-weighted sums: B partners receive their A sources' x * size and size (scatter-add), then
     # every kept token is divided by its size: (x * s) / s for untouched tokens, as the reference
     d = x.shape[-1]
@@ -93,8 +104,30 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenSta
     new_x = weighted.gather(1, keep[..., None].expand(-1, -1, d)) / new_size[..., None]
     if p:  # prefix tokens are never merged: exactly themselves, whatever their size
         new_x[:, :p] = x[:, :p]
-    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={}, history=state.merged(src_pos, dst_pos))
-    return new, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
+    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={},
+                        history=state.merged(src_pos, dst_pos))
+    return new, macs
+
+
+SIZE = "merge_size"  # sizes ride in extras when they must not bias attention (PiToMe, ToFu)
+
+
+def sizes_of(state: TokenState) -> Tensor:
+    """(B, N) sizes of merged tokens, from `size` (proportional attention) or the extras (none); ones if unmerged."""
+    size = state.size if state.size is not None else state.extras.get(SIZE)
+    return size if size is not None else torch.ones(state.x.shape[:2], dtype=state.x.dtype, device=state.x.device)
+
+
+def with_sizes(state: TokenState, size: Tensor, prop_attn: bool, **changes) -> TokenState:
+    """`state` with new sizes where they belong: `size` biases attention, the extras do not."""
+    if prop_attn:
+        return state.replace(size=size, extras={}, **changes)
+    return state.replace(size=None, extras={SIZE: size}, **changes)
+
+
+def merged_token_map(out: RunOutput, num_patches: int) -> TokenMap:
+    """Each surviving token's size at the patch it kept (blank: merged or pruned away)."""
+    return size_map(out.state, sizes_of(out.state), num_patches)
 
 
 def _fixed_positions(n: int, p: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -139,6 +172,9 @@ class ToMe(Method):
         new, macs = bipartite_merge(state, info.keys.mean(dim=1), r)
         record.add_macs(macs)
         return new
+
+    def token_map(self, out: RunOutput) -> TokenMap | None:
+        return merged_token_map(out, self.model.cfg.num_patches)
 
 
 register("tome", lambda model, opts: ToMe(model, opts), ToMeOptions,

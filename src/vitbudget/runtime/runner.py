@@ -133,15 +133,16 @@ def run_block(
     """One timm-layout block, with the hooks' attention needs and the token counts recorded.
 
     A padded batch (images kept different counts) runs its per-token layers on the packed real
-    tokens and only the attention product padded, unless a hook acts between attention and
-    MLP (it is handed the padded state), little of the batch is padding, or `pack` is False
-    (padding rows are then computed and discarded, as masked implementations do).
+    tokens and only the attention product padded, unless little of the batch is padding or `pack`
+    is False (padding rows are then computed and discarded, as masked implementations do). A hook
+    acting between attention and MLP is handed the padded state; the MLP then runs packed by the
+    key mask the hook left (per-image threshold merging changes it there).
     """
     need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
     given = state.next_attention
     if given is not None:
         state = state.replace(next_attention=None)
-    packing = _packing(state, hooks, record) if pack and given is None else None
+    packing = _packing(state, record) if pack and given is None else None
     bias = None if state.size is None else state.size.log()[:, None, None, :].to(state.x.dtype)
     x = state.x if packing is None else packing.pack(state.x)
     attn_out, info = multihead_attention(
@@ -150,41 +151,41 @@ def run_block(
     )
     tokens = record.tokens_of(state)
     record.attn_tokens.append(tokens)  # stays on device: no sync per block
-    if packing is not None:
-        x = x + _per_sample(block.drop_path1, block.ls1(attn_out), packing)
+    attn_width, core_width = (state.width if packing is None else packing.tokens_per_image), state.width
+    x = x + _per_sample(block.drop_path1, block.ls1(attn_out), packing)
+    if packing is not None and type(hooks).after_attention is Hooks.after_attention:  # stays packed through the MLP
         x = x + _per_sample(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
         record.mlp_tokens.append(tokens)
-        width = packing.tokens_per_image
-        record.add_widths(width, state.width, width)
+        record.add_widths(attn_width, core_width, attn_width)
         return hooks.after_block(index, state.replace(x=packing.unpack(x, into=state.x)), info, record)
-    x = x + block.drop_path1(block.ls1(attn_out))
-    attn_width = state.width
-    state = state.replace(x=x)
+    state = state.replace(x=x if packing is None else packing.unpack(x, into=state.x))
     after = hooks.after_attention(index, state, info, record)
     same = after.x.shape == state.x.shape and after.key_mask is state.key_mask
     state = after
     record.mlp_tokens.append(tokens if same else record.tokens_of(state))
-    record.add_widths(attn_width, attn_width, state.width)
-    x = state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x))))
-    return hooks.after_block(index, state.replace(x=x), info, record)
+    packing = (packing if same else _packing(state, record)) if pack else None
+    x = state.x if packing is None else packing.pack(state.x)
+    x = x + _per_sample(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
+    record.add_widths(attn_width, core_width, state.width if packing is None else packing.tokens_per_image)
+    return hooks.after_block(index, state.replace(x=x if packing is None else packing.unpack(x, into=state.x)), info, record)
 
 
-def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing) -> Tensor:
+def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing | None) -> Tensor:
     """Stochastic depth on packed (T, C) rows, per image as on the padded (B, W, C) layout.
 
     DropPath draws one keep per leading index: on packed rows that would drop single tokens.
     In training it runs on the padded layout, so it drops whole images with the same random
     draws as the unpacked path (packed equals padded under the same seed); otherwise (eval,
-    rate 0, Identity) it is called as is.
+    rate 0, Identity, no packing) it is called as is.
     """
     rate = getattr(drop_path, "p", getattr(drop_path, "drop_prob", 0.0))
-    if not (drop_path.training and rate):
+    if packing is None or not (drop_path.training and rate):
         return drop_path(branch)
     return packing.pack(drop_path(packing.unpack(branch)))
 
 
-def _packing(state: TokenState, hooks: Hooks, record: ExecutionRecord) -> Packing | None:
-    if state.key_mask is None or state.policy is not None or type(hooks).after_attention is not Hooks.after_attention:
+def _packing(state: TokenState, record: ExecutionRecord) -> Packing | None:
+    if state.key_mask is None or state.policy is not None:
         return None
     packing = record.packing_of(state.key_mask)
     if packing.rows.numel() > (1 - PACK_MIN_PADDING) * state.key_mask.numel():

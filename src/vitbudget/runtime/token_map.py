@@ -24,9 +24,7 @@ class TokenMap:
     vmax: float | None = None
 
 
-def merged_size_map(state: TokenState, num_patches: int) -> TokenMap | None:
-    """For merging methods (ToMe, MCTF): each surviving token's size at the patch it kept; blank where merged away."""
-    if state.size is None:
-        return None
-    values = state.to_patch_grid(state.size.detach().float(), num_patches).cpu()
+def size_map(state: TokenState, size: Tensor, num_patches: int) -> TokenMap:
+    """Merging methods' picture: each surviving token's size (patches merged into it) at the patch it kept."""
+    values = state.to_patch_grid(size.detach().float(), num_patches).cpu()
     return TokenMap(values=values, label="patches merged into the token (blank: merged away)", vmin=1.0)
