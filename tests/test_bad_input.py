@@ -252,3 +252,23 @@ def test_two_rank_run_one_line(tmp_path, image_folder, args, message):
     assert done.returncode != 0 and not (tmp_path / "out").exists()
     ours = [line for line in done.stderr.splitlines() if line.startswith(("vitbudget:", "[rank"))]  # torchrun's own summary follows
     one_error_line("\n".join(ours), message)
+
+
+# -- other paths found while here ---------------------------------------------------------------------
+@pytest.mark.parametrize("entry", [5, {"name": "evit"}, {"name": "evit", "options": 3}], ids=["a-number", "no-options", "options-a-number"])
+def test_sidecar_method_entry(tmp_path, capsys, image_folder, entry):
+    path = save_model(make_model(), tmp_path / "tiny.safetensors", method=entry)
+    code, _, err = run_cli(capsys, "eval", "--model", str(path), "--data", str(image_folder), "--out", str(tmp_path / "out"), *EVAL)
+    if entry == {"name": "evit"}:  # options may be left out
+        assert code == 0
+        return
+    assert code == 1 and not (tmp_path / "out").exists()
+    one_error_line(err, r"""sidecar .*tiny.json': 'method' must be \{"name": NAME, "options": \{...\}\}, got""")
+
+
+def test_garbage_training_state_one_line(tmp_path, capsys, image_folder):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_state.pt").write_bytes(b"garbage")
+    code, _, err = run_cli(capsys, "train", "--recipe", "smoke", "--data", str(image_folder), "--out", str(tmp_path / "run"), "--quiet", "--workers", "0")
+    assert code == 1 and sorted(os.listdir(tmp_path / "run")) == ["train_state.pt"] and "Traceback" not in err
+    one_error_line(err.splitlines()[-1], r"cannot resume from .*train_state.pt': it is damaged or not a training state \(UnpicklingError\); delete it to start over")

@@ -52,6 +52,10 @@ def load_method(path: str | os.PathLike, name: str | None = None, **overrides: A
     """
     meta = {} if Path(path).is_dir() else read_sidecar(sidecar_path(path))  # a Hugging Face directory holds no method
     saved = meta.get("method") or {"name": "baseline", "options": {}}
+    if not isinstance(saved, dict) or not isinstance(saved.get("name"), str) or not isinstance(saved.get("options", {}), dict):
+        raise CheckpointError(f"checkpoint sidecar {str(sidecar_path(path))!r}: 'method' must be "
+                              f'{{"name": NAME, "options": {{...}}}}, got {saved!r:.80}')
+    saved = {"options": {}, **saved}
     name = name or saved["name"]
     relation = _relation(name, saved["name"])
     options = {**_carried_options(relation, name, saved["options"]), **overrides}
