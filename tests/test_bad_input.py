@@ -165,11 +165,13 @@ def test_non_regular_file_in_a_data_folder_is_refused(tmp_path, capsys, image_fo
     one_error_line(err, message)
 
 
-def test_image_folder_order_unchanged(image_folder):
-    """The listing walks folders itself now: same order as sorted(os.walk) with sorted names."""
-    root = image_folder / "test"
+def test_image_folder_order_unchanged(tmp_path, image_folder):
+    """The listing walks folders itself now: same order as sorted(os.walk) with sorted names, nested folders included."""
+    root = small_folder(tmp_path / "data" / "test", image_folder)
+    for sub in ("class00/b", "class00/a/deep", "class00/a-b", "class01/z"):
+        small_folder(root / sub, image_folder)
     expected = [os.path.join(d, f) for d, _, names in sorted(os.walk(root)) for f in sorted(names)]
-    assert [path for path, _ in ImageFolder(image_folder, "test").samples] == expected
+    assert [path for path, _ in ImageFolder(root.parent, "test").samples] == expected and len(expected) == 20
 
 
 # -- vitbudget corrupt ----------------------------------------------------------------------------
