@@ -134,7 +134,7 @@ QKV_ORDER = {"q": 0, "query": 0, "k": 1, "key": 1, "v": 2, "value": 2}
 def _square(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"only square {what}s are supported, got {list(value)}")
+            raise ConfigError(f"only square sizes are supported: {what} is {list(value)}")
         value = value[0]
     return _integer(value, what)
 
