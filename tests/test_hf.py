@@ -129,7 +129,7 @@ def test_left_out_tensors_are_named_and_unknown_ones_refused(tmp_path):
         (dict(model_type="clip", **VIT_LIKE), "CLIPModel", "pass model.vision_model"),
         (dict(model_type="swin", **VIT_LIKE), "SwinModel", "not supported .*not a plain ViT"),
         (dict(model_type="dinov2", use_swiglu_ffn=True, **DINO), "Dinov2Model", "SwiGLU"),
-        (dict(model_type="vit", **{**VIT_LIKE, "image_size": [32, 48]}), "ViTModel", "only square image sizes"),
+        (dict(model_type="vit", **{**VIT_LIKE, "image_size": [32, 48]}), "ViTModel", r"only square sizes are supported: Hugging Face config image_size is \[32, 48\]"),
         (dict(model_type="vit", hidden_act="relu", **VIT_LIKE), "ViTModel", "activation 'relu' is not supported"),
     ],
 )

@@ -68,7 +68,7 @@ def test_bad_checkpoints(tmp_path, tiny_model):
     meta = json.loads((tmp_path / "ok.json").read_text())
     meta["config"]["embed_dim"] = 64
     (tmp_path / "ok.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="does not match the architecture: shape mismatch"):
+    with pytest.raises(CheckpointError, match="does not match the architecture: the weights hold 3 blocks of width 32, the config 3 blocks of width 64; shape mismatch"):
         load_model(path)
     (tmp_path / "ok.json").write_text("{ broken")
     with pytest.raises(CheckpointError, match="not valid JSON"):

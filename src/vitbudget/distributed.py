@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -76,6 +77,10 @@ def session(device: str) -> Iterator[str]:
     dist.init_process_group(backend, timeout=TIMEOUT)
     try:
         yield device
+    except BaseException as exc:
+        if not broken_by_peer(exc):
+            record_failure()  # before the group closes, so the ranks whose collectives that breaks know why
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +89,68 @@ def rank_label() -> str:
     """'(rank 1/4) ' in a process torchrun started as a rank other than 0, else '' (for error lines)."""
     rank, world = int(os.environ.get("RANK", 0)), os.environ.get("WORLD_SIZE", "1")
     return f"(rank {rank}/{world}) " if launched() and rank else ""
+
+
+# -- one error line per run -----------------------------------------------------------------------
+FAILURE_WAIT_S = float(os.environ.get("VITBUDGET_FAILURE_WAIT_S", "10"))  # how long a rank other than 0 waits for rank 0's verdict
+
+
+def _failure_store() -> Any:
+    """A client of the torchrun agent's key-value store, which outlives every rank; None outside torchrun."""
+    if not launched() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=FAILURE_WAIT_S))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _failure_key(rank: int) -> str:
+    return f"vitbudget/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+
+
+def reports_failure() -> bool:
+    """Record that this process failed; True if it should print its error line (one line per run, not per rank).
+
+    Every rank meets the same bad input (a flag, a path, a config) at about the same point, so rank 0
+    reports and the others stay silent once rank 0 has recorded a failure too. A rank other than 0
+    whose failure rank 0 does not share within FAILURE_WAIT_S (an unreadable image in its own share
+    of the data) reports it itself, labelled with its rank.
+    """
+    store = record_failure()
+    deadline = time.monotonic() + FAILURE_WAIT_S
+    try:
+        while store is not None and int(os.environ["RANK"]) and time.monotonic() < deadline:
+            if store.check([_failure_key(0)]):
+                return False
+            time.sleep(0.05)
+    except RuntimeError:  # the store went away: torchrun is ending the run
+        pass
+    return True
+
+
+def record_failure() -> Any:
+    """Note in torchrun's store that this rank failed; returns the store (None outside torchrun or if unreachable)."""
+    store = _failure_store()
+    try:
+        if store is not None:
+            store.set(_failure_key(int(os.environ["RANK"])), "1")
+    except RuntimeError:
+        return None
+    return store
+
+
+def broken_by_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that broke because another rank failed (and recorded it): that rank reports why."""
+    store = _failure_store() if isinstance(exc, RuntimeError) else None
+    if store is None:
+        return False
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        return any(store.check([_failure_key(r)]) for r in range(world) if r != rank)
+    except RuntimeError:
+        return False
 
 
 @contextlib.contextmanager

@@ -139,6 +139,19 @@ def check_output_dir(path: str | os.PathLike, files: Iterable[str] = ()) -> Path
     return path
 
 
+@contextlib.contextmanager
+def removed_if_empty_on_error(path: str | os.PathLike) -> Iterator[Path]:
+    """For outputs filled piece by piece (each piece atomically): if the block fails, the directories
+    it created for `path` are removed again where it left them empty, so a failed first run leaves nothing."""
+    path = Path(path)
+    created = _missing_dirs(path)
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
 def _missing_dirs(path: Path) -> list[Path]:
     """The directories `mkdir(parents=True)` would create, deepest first."""
     missing = []

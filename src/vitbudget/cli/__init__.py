@@ -26,7 +26,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str):
-        self.exit(2, f"vitbudget: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"vitbudget: error: {message} (see `{self.prog} --help`)\n" if distributed.reports_failure() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +55,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except VitbudgetError as exc:
-        print(f"vitbudget: error: {distributed.rank_label()}{exc}", file=sys.stderr)
+        _erase_progress_bars()
+        if distributed.reports_failure():
+            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            print(f"vitbudget: error: {distributed.rank_label()}{message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _erase_progress_bars()
         print("vitbudget: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if distributed.broken_by_peer(exc):
+            return 1  # under torchrun: a collective broke because another rank failed, and that rank said why
+        distributed.record_failure()  # a bug: its traceback follows; the other ranks' broken collectives stay quiet
+        raise
+
+
+def _erase_progress_bars() -> None:
+    """Erase the progress bars an error interrupted (tqdm keeps the open ones), so that its line stands alone."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.leave = False
+        bar.close()

@@ -5,7 +5,7 @@ import argparse
 
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from ..io import check_output_dir
+from ..io import check_output_dir, removed_if_empty_on_error
 from .options import nonnegative_int, positive_int, resolve_default
 
 EPILOG = """examples:
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     src = resolve_split_dir(resolve_default(args.data, DEFAULT_DATA, "data"), args.split)
     out_dir = check_output_dir(args.out)  # each corruption's tree is created, atomically, once it is complete
     start = time.perf_counter()
-    for name in tqdm(names, desc="corruptions", unit="corruption", disable=args.quiet):
-        corrupt_folder(src, out_dir / name, name, args.severity, args.seed, args.limit, progress=not args.quiet)
+    with removed_if_empty_on_error(out_dir):
+        for name in tqdm(names, desc="corruptions", unit="corruption", disable=args.quiet, leave=False):  # the summary below replaces it
+            corrupt_folder(src, out_dir / name, name, args.severity, args.seed, args.limit, progress=not args.quiet)
     print(f"wrote {len(names)} corruption(s) at severity {args.severity} of {src} to {out_dir}/<corruption>/ "
           f"in {time.perf_counter() - start:.0f} s (imagecorruptions-imaug {corruptions_version()})")
     print(f"evaluate one with: vitbudget eval --data {out_dir} --split {names[0]}")

@@ -1,12 +1,14 @@
 """Unpack ImageFolder archives (.tar / .tar.gz) once into a cache, with an integrity check."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from ..errors import DataError
@@ -71,14 +73,22 @@ def unpack(archive: str | os.PathLike, cache: Path | None = None) -> Path:
         files = _count_files(tmp) + 1  # no manifest yet
         (tmp / MANIFEST).write_text(json.dumps({"archive": str(archive), "sha256": sha, "files": files}))
         os.replace(tmp, dest)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, OSError) and _is_complete(dest, sha):  # another process unpacked it meanwhile
             return dest
-        raise DataError(f"cannot unpack {str(archive)!r}: {exc}") from exc
+        raise DataError(f"cannot unpack {str(archive)!r}: {_unpack_failure(exc)}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _unpack_failure(exc: BaseException) -> str:
+    """One line for why extraction failed; tarfile's 'could not be opened' lists every method it tried."""
+    detail = str(exc).strip()
+    if isinstance(exc, (tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error, gzip.BadGzipFile)):
+        return "it is damaged or not a .tar / .tar.gz archive" + (f" ({detail})" if detail and "\n" not in detail else "")
+    return " ".join(detail.split())
 
 
 def _is_complete(dest: Path, sha: str) -> bool:

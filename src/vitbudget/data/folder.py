@@ -82,6 +82,36 @@ def resolve_split_dir(path: str | os.PathLike, split: str | None) -> Path:
     return find_split(path, split)
 
 
+def image_files(top: Path) -> list[str]:
+    """Paths of the images under `top`, in os.walk order (directories by path, names sorted).
+
+    An image name that is not a regular file (a named pipe, socket, device, or a broken link) is
+    a DataError: opening a named pipe blocks forever, and the others fail mid-run. Directory
+    entries' types come from the listing itself, so this costs no extra system call per image.
+    """
+    listed: list[tuple[str, list[str]]] = []
+    pending = [str(top)]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                entries = list(entries)
+        except OSError:
+            continue  # as os.walk: an unreadable folder is skipped
+        names = []
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.is_symlink():  # os.walk's default: symbolic links to folders are not followed
+                    pending.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if not entry.is_file():
+                    kind = "a broken symbolic link" if entry.is_symlink() else "not a regular file (e.g. a named pipe or a device)"
+                    raise DataError(f"{entry.path!r} is {kind}; remove it from the dataset folder")
+                names.append(entry.name)
+        listed.append((folder, sorted(names)))
+    return [os.path.join(folder, name) for folder, names in sorted(listed) for name in names]
+
+
 class ImageFolder(Dataset):
     """Samples (image, label) from root/<class>/<image>.
 
@@ -109,8 +139,7 @@ class ImageFolder(Dataset):
             self.classes = [""]  # root/<image>: os.walk below reads the root itself
         if not self.classes:
             raise DataError(f"no class folders in {str(self.root)!r} (expected root/<class>/<image>)")
-        files = {name: [os.path.join(dirpath, f) for dirpath, _, names in sorted(os.walk(self.root / name))
-                        for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)] for name in self.classes}
+        files = {name: image_files(self.root / name) for name in self.classes}
         if not any(files.values()):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(self.root)!r}")
         if unlabeled:

@@ -56,6 +56,10 @@ def load_method(path: str | os.PathLike, name: str | None = None, *, img_size: i
     # a Hugging Face directory or hub id holds no method
     meta = {} if is_hub_id(path) or Path(path).is_dir() else read_sidecar(sidecar_path(path))
     saved = meta.get("method") or {"name": "baseline", "options": {}}
+    if not isinstance(saved, dict) or not isinstance(saved.get("name"), str) or not isinstance(saved.get("options", {}), dict):
+        raise CheckpointError(f"checkpoint sidecar {str(sidecar_path(path))!r}: 'method' must be "
+                              f'{{"name": NAME, "options": {{...}}}}, got {saved!r:.80}')
+    saved = {"options": {}, **saved}
     name = name or saved["name"]
     relation = _relation(name, saved["name"])
     options = {**_carried_options(relation, name, saved["options"]), **overrides}

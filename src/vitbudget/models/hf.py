@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
 from .config import ModelInfo, Preprocess, ViTConfig
 from .vit import VisionTransformer
 from .weights import load_state_dict_strict, read_state_dict
@@ -136,9 +136,28 @@ QKV_ORDER = {"q": 0, "query": 0, "k": 1, "key": 1, "v": 2, "value": 2}
 def _square(value: Any, what: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"only square {what}s are supported, got {list(value)}")
+            raise ConfigError(f"only square sizes are supported: {what} is {list(value)}")
         value = value[0]
-    return int(value)
+    return _integer(value, what)
+
+
+def _integer(value: Any, what: str, low: int = 1) -> int:
+    """A JSON integer >= low; otherwise a ConfigError naming the field (not a ValueError or ZeroDivisionError later)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{what} must be an integer >= {low}, got {value!r:.60}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r:.60}")
+    return float(value)
+
+
+def _required(hf: dict[str, Any], key: str, architecture: str) -> Any:
+    if key not in hf:
+        raise ConfigError(f"Hugging Face {architecture} config lacks {key!r}")
+    return hf[key]
 
 
 def _num_labels(hf: dict[str, Any]) -> int:
@@ -174,22 +193,25 @@ def config_from_hf(hf: dict[str, Any], architecture: str) -> ViTConfig:
     if hf.get("use_swiglu_ffn"):
         raise ConfigError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn, e.g. dinov2-giant) is not supported: our blocks have a two-layer GELU MLP")
     act = hf.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         raise ConfigError(f"Hugging Face activation {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-    dim = int(hf["hidden_size"])
-    mlp_ratio = float(hf["mlp_ratio"]) if "mlp_ratio" in hf else int(hf["intermediate_size"]) / dim
-    classes = 0 if head == "features" else _num_labels(hf)
+    dim = _integer(_required(hf, "hidden_size", architecture), "Hugging Face config hidden_size")
+    if "mlp_ratio" in hf:
+        mlp_ratio = _number(hf["mlp_ratio"], "Hugging Face config mlp_ratio")
+    else:
+        mlp_ratio = _integer(_required(hf, "intermediate_size", architecture), "Hugging Face config intermediate_size") / dim
     dinov2 = family.startswith("dinov2")
     try:
+        classes = 0 if head == "features" else _num_labels(hf)
         return ViTConfig(
-            img_size=_square(hf.get("image_size", 224), "image size"),
-            patch_size=_square(hf.get("patch_size", 16), "patch size"),
-            in_chans=int(hf.get("num_channels", 3)),
+            img_size=_square(hf.get("image_size", 224), "Hugging Face config image_size"),
+            patch_size=_square(hf.get("patch_size", 16), "Hugging Face config patch_size"),
+            in_chans=_integer(hf.get("num_channels", 3), "Hugging Face config num_channels"),
             num_classes=classes,
             global_pool="token_avg" if head == "token_avg" and classes else "token",
             embed_dim=dim,
-            depth=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
+            depth=_integer(_required(hf, "num_hidden_layers", architecture), "Hugging Face config num_hidden_layers"),
+            num_heads=_integer(_required(hf, "num_attention_heads", architecture), "Hugging Face config num_attention_heads"),
             mlp_ratio=mlp_ratio,
             qkv_bias=bool(hf.get("qkv_bias", True)),
             init_values=float(hf.get("layerscale_value", 1.0)) if dinov2 else None,
@@ -257,31 +279,63 @@ def _target(name: str) -> str | None:
 
 # -- preprocessing -----------------------------------------------------------------------------
 def preprocess_from_hf(proc: dict[str, Any]) -> tuple[Preprocess, int | None]:
-    """Our Preprocess and input size from an image processor's settings (preprocessor_config.json)."""
-    if proc.get("do_rescale", True) and not math.isclose(float(proc.get("rescale_factor", 1 / 255)), 1 / 255):
-        raise ConfigError(f"image processor rescale_factor {proc['rescale_factor']} is not 1/255; not supported")
+    """Our Preprocess and input size from an image processor's settings (preprocessor_config.json).
+
+    Each field is checked as the image processor reads it (a number or one per channel for the
+    mean and std, an int, [height, width] or a dict for sizes), so a malformed file is one
+    ConfigError naming the field.
+    """
+    if proc.get("do_rescale", True):
+        factor = _number(proc.get("rescale_factor", 1 / 255), "image processor rescale_factor")
+        if not math.isclose(factor, 1 / 255):
+            raise ConfigError(f"image processor rescale_factor {factor} is not 1/255; not supported")
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if proc.get("do_normalize", True):
-        mean = tuple(float(v) for v in proc.get("image_mean", (0.5, 0.5, 0.5)))
-        std = tuple(float(v) for v in proc.get("image_std", (0.5, 0.5, 0.5)))
-    size = proc.get("size") or {}
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
+        mean = _per_channel(proc.get("image_mean", 0.5), "image_mean")
+        std = _per_channel(proc.get("image_std", 0.5), "image_std")
     resized, resize = None, "shortest"
-    if proc.get("do_resize", True) and size:
+    size = proc.get("size")
+    if proc.get("do_resize", True) and size is not None:
+        size = _size_dict(size, "size")
         if "shortest_edge" in size:
-            resized = int(size["shortest_edge"])
+            resized = _integer(size["shortest_edge"], "image processor size shortest_edge")
         else:
-            resized, resize = _square((size.get("height"), size.get("width")), "image processor size"), "squash"
-    crop = proc.get("crop_size") if proc.get("do_center_crop", False) else None
-    if isinstance(crop, int):
-        crop = {"height": crop, "width": crop}
-    img_size = _square((crop["height"], crop["width"]), "crop size") if crop else resized
+            resized, resize = _square((size["height"], size["width"]), "image processor size"), "squash"
+    crop = _size_dict(proc["crop_size"], "crop_size") if proc.get("do_center_crop", False) and proc.get("crop_size") is not None else None
+    if crop is not None and "height" not in crop:
+        raise ConfigError(f"image processor crop_size must give height and width, got {proc['crop_size']!r:.60}")
+    img_size = _square((crop["height"], crop["width"]), "image processor crop_size") if crop else resized
     crop_pct = img_size / resized if (img_size and resized) else 1.0
-    interpolation = RESAMPLE.get(proc.get("resample", 2), "bilinear")
-    if isinstance(proc.get("resample"), str):
-        interpolation = proc["resample"].lower()
+    resample = proc.get("resample", 2)
+    if isinstance(resample, str):
+        interpolation = resample.lower()
+    elif isinstance(resample, int) and not isinstance(resample, bool):
+        interpolation = RESAMPLE.get(resample, "bilinear")
+    else:
+        raise ConfigError(f"image processor resample must be a PIL resampling number or a name, got {resample!r:.60}")
     return Preprocess(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation, resize=resize), img_size
+
+
+def _per_channel(value: Any, key: str) -> tuple[float, ...]:
+    """image_mean / image_std: one number for every channel, or one per channel (as the image processor reads them)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_number(v, f"image processor {key} entry") for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"image processor {key} must be a number or one number per channel, got {value!r:.60}")
+    return (_number(value, f"image processor {key}"),) * 3
+
+
+def _size_dict(value: Any, key: str) -> dict[str, Any]:
+    """A processor size as transformers' get_size_dict reads it: an int (the shortest edge for `size`, the
+    square side for `crop_size`), [height, width], or a dict with shortest_edge or height and width."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": value[0], "width": value[1]}
+    if isinstance(value, dict) and ("shortest_edge" in value or {"height", "width"} <= set(value)):
+        return value
+    raise ConfigError(f"image processor {key} must be an integer, [height, width] or a dict with shortest_edge or height "
+                      f"and width, got {value!r:.60}")
 
 
 # -- entry points ------------------------------------------------------------------------------
@@ -357,16 +411,22 @@ def build(hf: dict[str, Any], architecture: str, state: dict[str, Tensor], proc:
 
     cfg = config_from_hf(hf, architecture)
     family = FAMILIES[ARCHITECTURES[architecture][0]]
+    try:
+        preprocess, proc_size = preprocess_from_hf(proc) if proc else (Preprocess(*family.mean_std), None)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     mapped, left_out = map_state_dict(state, architecture, cfg)
     model = VisionTransformer(cfg)
     load_state_dict_strict(model, mapped, f"{source} ({architecture})")
-    preprocess, proc_size = preprocess_from_hf(proc) if proc else (Preprocess(*family.mean_std), None)
     extra: dict[str, Any] = {"source": {"format": "huggingface", "architecture": architecture, "model_type": hf.get("model_type")}}
     if left_out:
         extra["source"]["left_out"] = left_out
-    target = img_size or proc_size
-    if target and target != cfg.img_size:
-        model.set_input_size(target, antialias=family.antialias)
+    target = img_size if img_size is not None else proc_size
+    if target is not None and target != cfg.img_size:
+        try:
+            model.set_input_size(target, antialias=family.antialias)
+        except InputError as exc:
+            raise ConfigError(f"{source}: {'' if img_size is not None else 'image processor '}{exc}") from None
         extra["source"]["resampled"] = (
             f"position embeddings resampled once from {cfg.grid_size}x{cfg.grid_size} to {model.cfg.grid_size}x{model.cfg.grid_size} "
             f"patches (bicubic{', antialiased' if family.antialias else ''}), as the Hugging Face model interpolates them at {target} px"

@@ -211,8 +211,10 @@ class VisionTransformer(nn.Module):
 
     def set_input_size(self, img_size: int, antialias: bool = True) -> None:
         """Resample position embeddings in place for a new square input size (timm's method: bicubic, antialiased)."""
-        if img_size % self.cfg.patch_size:
-            raise InputError(f"input size {img_size} is not a multiple of patch size {self.cfg.patch_size}")
+        patch = self.cfg.patch_size
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < patch or img_size % patch:
+            near = f" (nearest: {img_size // patch * patch} or {img_size // patch * patch + patch})" if isinstance(img_size, int) and img_size > patch else ""
+            raise InputError(f"input size {img_size!r} is not a positive multiple of patch size {patch}{near}")
         grid = img_size // self.cfg.patch_size
         prefix = 0 if self.cfg.no_embed_class else self.num_prefix_tokens
         with torch.no_grad():

@@ -6,6 +6,7 @@ imports another to reach it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        parts = []
+        difference = _backbone_difference(state, own)
+        parts = [difference] if difference else []
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:3]) + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
         if missing:
@@ -61,3 +63,21 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             parts.append(f"unexpected {len(unexpected)} keys e.g. {', '.join(unexpected[:3])}")
         raise CheckpointError(f"checkpoint {source} does not match the architecture: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def _backbone_shape(state: dict[str, torch.Tensor]) -> tuple[int, int | None]:
+    """(blocks, width) a state dict holds: the shape a mismatch message should name first."""
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    proj = state.get("patch_embed.proj.weight")
+    return depth, None if proj is None else int(proj.shape[0])
+
+
+def _backbone_difference(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """'the weights hold 12 blocks of width 384, the config 6 blocks of width 192', when they differ."""
+    held, wanted = _backbone_shape(state), _backbone_shape(own)
+    if held == wanted:
+        return None
+    if held == (0, None):
+        return "the weights hold no ViT backbone (no patch embedding, no blocks)"
+    width = lambda w: f" of width {w}" if w is not None else ""  # noqa: E731
+    return f"the weights hold {held[0]} blocks{width(held[1])}, the config {wanted[0]} blocks{width(wanted[1])}"

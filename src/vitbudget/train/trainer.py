@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,9 @@ class Trainer:
         try:
             return torch.load(self.state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-            return f"cannot resume from {str(self.state_path)!r}: {exc}; delete it to start over"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch's unpickling errors run to many lines
+            detail = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) or not first else first
+            return f"cannot resume from {str(self.state_path)!r}: it is damaged or not a training state ({detail}); delete it to start over"
 
     # -- loop --
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
