@@ -495,3 +495,18 @@ def test_recipes_use_each_references_predictor_learning_rate():
 
     assert get_recipe("dynamicvit_cifar10").lr_scales == [("predictors", 100.0)]  # backbone at 0.01x (its --lr_scale)
     assert get_recipe("spot_cifar10").lr_scales == [("predictors", 10.0)]
+
+
+def test_dynamicvit_recipe_freezes_cls_token_and_pos_embed_as_its_reference():
+    """raoyongming/DynamicViT fine-tunes with the class token and position embedding frozen: the
+    optimizer built from the recipe leaves them out (requires_grad False) and trains the rest."""
+    from vitbudget.train import get_recipe
+    from vitbudget.train.optim import make_optimizer
+
+    method = build_method("dynamicvit", make_model(), rho=0.7, stages="1").train()
+    optimizer = make_optimizer(method, get_recipe("dynamicvit_cifar10"))
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    names = {name: id(p) in in_groups for name, p in method.named_parameters()}
+    assert not names["model.cls_token"] and not names["model.pos_embed"]
+    assert not method.model.cls_token.requires_grad and not method.model.pos_embed.requires_grad
+    assert all(trainable for name, trainable in names.items() if name not in ("model.cls_token", "model.pos_embed"))
