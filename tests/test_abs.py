@@ -301,3 +301,15 @@ def test_cli_evaluates_all_methods(tmp_path, capsys, tiny_checkpoint, image_fold
     assert methods["multicrop"]["rel_flops"] == pytest.approx(5.0)
     assert methods["resolution"]["rel_flops"] == pytest.approx(dense_macs(TINY.replace(img_size=48)) / dense_macs(TINY))
     assert "| abs |" in captured.out and "| resolution |" in captured.out
+
+
+@pytest.mark.parametrize("alpha, k", [(0.15625, 3), (0.03125, 1), (0.40625, 7)])  # alpha * 16 = 2.5, 0.5, 6.5
+def test_alpha_times_n_rounds_half_up(alpha, k):
+    """k = floor(alpha * N + 0.5): 2.5 -> 3, 0.5 -> 1, 6.5 -> 7 (Python's round() would give 2, 0, 6)."""
+    from vitbudget.methods import build_method
+
+    model = make_model()
+    method = build_method("abs", model, alpha=alpha, score="gradsim").eval()
+    with torch.no_grad():
+        out = method(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert method.k == k and out.record.aux["abs_selected"].shape == (2, k)

@@ -326,3 +326,13 @@ def test_packing_changes_what_runs_not_the_result():
     assert torch.allclose(packed.logits, padded.logits, atol=1e-5)
     assert torch.equal(macs_per_image(model.cfg, packed.record), macs_per_image(model.cfg, padded.record))
     assert executed_macs_per_image(model.cfg, packed.record) < executed_macs_per_image(model.cfg, padded.record)
+    # pack=False pads in EVERY block, full batch and sub-batches alike: each block ran its padded width W
+    # on the images still in the batch (a fraction f of it), so f*W through the per-token layers
+    trace, _ = padded.record.aux["avit_trace"]
+    fractions = [1.0 if active is None else len(active) / len(x) for active, _, _ in trace]
+    widths = [pos.shape[1] for _, pos, _ in trace]
+    assert padded.record.attn_width == padded.record.mlp_width == [f * w for f, w in zip(fractions, widths)]
+    assert packed.record.mlp_width != padded.record.mlp_width
+    packed_trace = packed.record.aux["avit_trace"][0]
+    runs = [(active is None, mask is not None) for active, _, mask in packed_trace]
+    assert (True, True) in runs and (False, True) in runs  # padded blocks on the full batch and on a sub-batch

@@ -406,3 +406,34 @@ def test_ece_difference_bootstrap():
     sharper = metrics.ece_difference(logits * 2, logits, labels, samples=200)  # overconfident: worse calibration
     assert sharper["delta"] == pytest.approx(100 * (metrics.ece(logits * 2, labels) - metrics.ece(logits, labels)))
     assert 0 < sharper["ci_low"] <= sharper["delta"] <= sharper["ci_high"] and sharper["p_value"] < 0.05
+
+
+def test_attnvar_scores_follow_patch_ids_when_evit_drops_one_token_in_the_last_block(model):
+    """EViT --fuse in the last block dropping exactly one token keeps the token count (n - 1 + fused),
+    yet reorders the tokens: the scores of that block's attention must follow the patch ids, not the
+    positions. Expected: the last block's CLS-attention variance over heads, computed here, by patch id;
+    the fused token (no patch id, absent when the scores were taken) is never refined."""
+    from vitbudget import run
+
+    alpha, n = 0.5, TINY.num_patches
+    opts = {"rho": (n - 1) / n, "stages": str(TINY.depth - 1), "fuse": True}
+    out = forward(stack(model, "evit", opts, alpha=alpha, score="attnvar"))
+    with torch.no_grad():
+        final = run(model, X, build_method("evit", model, **opts)).state
+        x = model.embed(X)
+        for blk in model.blocks[:-1]:
+            x = blk(x)
+        blk = model.blocks[-1]
+        B, N, _ = x.shape
+        qkv = blk.attn.qkv(blk.norm1(x)).reshape(B, N, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        probs = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
+        var = probs[:, :, 0, 1:].var(dim=1, unbiased=False)  # (B, 16), patch i at position i
+    assert final.width - 1 == n  # one dropped, one fused: the count is unchanged
+    for b in range(len(X)):
+        survivors = final.patch_ids[b, 1:].tolist()
+        assert survivors[-1] == -1  # the fused token
+        real = [i for i in survivors if i >= 0]
+        k = math.floor(alpha * len(survivors) + 0.5)
+        expected = sorted(sorted(real, key=lambda i: -var[b, i].item())[:k])
+        assert sorted(out.record.aux["abs_selected"][b].tolist()) == expected

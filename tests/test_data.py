@@ -194,3 +194,25 @@ def test_golden_subset_and_order_prefixes():
     assert train[:8] == [2, 9, 12, 21, 24, 26, 28, 49]
     assert epoch_order(train, 0, 0)[:8] == [15199, 23407, 41772, 23579, 29247, 32315, 25464, 20455]
     assert epoch_order(train, 0, 1)[:8] == [2916, 32716, 43444, 40271, 31671, 30788, 23782, 8236]
+
+
+def test_shortest_side_resize_truncates_the_long_side_as_torchvision(monkeypatch):
+    """torchvision's `_compute_resized_output_size` (and Hugging Face's shortest-edge resize): the
+    short side becomes side = floor(size / crop_pct) and the long side int(side * long / short),
+    truncated, never rounded. Checked against exact integer arithmetic over many aspect ratios."""
+    from PIL import Image
+
+    sizes = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, new, *a, **k: sizes.append(tuple(new)) or real_resize(self, new, *a, **k))
+    transform = EvalTransform(16, Preprocess(crop_pct=0.875))  # side = floor(16 / 0.875) = 18
+    shapes = [(w, h) for w in range(5, 60, 3) for h in range(5, 60, 4) if (w, h) != (16, 16)]
+    expected = []
+    for w, h in shapes:
+        transform.resize_crop(Image.new("RGB", (w, h)))
+        short, long = min(w, h), max(w, h)
+        new_long = 18 * long // short  # exact floor of the true quotient
+        expected.append((18, new_long) if w <= h else (new_long, 18))
+    assert sizes == expected
+    rounded = sum(round(18 * max(s) / min(s)) != 18 * max(s) // min(s) for s in shapes)
+    assert rounded > len(shapes) // 4  # the check covers ratios where rounding would differ

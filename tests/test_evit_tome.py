@@ -152,3 +152,27 @@ def test_cli_takes_the_new_flags():
 
     args = build_parser().parse_args(["eval", "--method", "evit", "--rho", "0.5", "--fuse", "true", "--method", "tome", "--r", "3", "--stages", "2,4"])
     assert args.opt_rho == 0.5 and args.opt_fuse is True and args.opt_r == 3 and args.opt_stages == "2,4"
+
+
+def test_tome_caps_r_at_half_the_patch_tokens_left_so_cls_is_never_merged():
+    """r = 8 on 16 patches halves what is left in every block: 16 -> 8 -> 4 -> 2 -> 1, then nothing
+    (r <= (N - prefix) // 2 = 0). Without the prefix in the cap, the last two tokens (CLS, one
+    patch) would merge: the CLS's mass would land in the patch."""
+    from vitbudget.models import ViTConfig
+
+    cfg = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=6, num_heads=2, num_classes=10)
+    model = make_model(cfg)
+    out = logits(build_method("tome", model, r=8), X[:2])
+    assert [int(t[0]) for t in out.record.mlp_tokens] == [9, 5, 3, 2, 2, 2]
+    assert out.state.size.tolist() == [[1.0, 16.0]] * 2  # CLS alone, every patch in the one token left
+    assert out.state.patch_ids[:, 0].tolist() == [-1, -1]
+
+
+def test_evit_stage_keeping_every_token_changes_nothing(model):
+    """rho 0.99 keeps ceil(0.99 * 16) = 16 of 16 patches: the stage returns the state as it is, with no
+    fused token (it would be a zero-weight token that still takes attention)."""
+    base = run(model, X).logits
+    out = logits(build_method("evit", model, rho=0.99, stages="1", fuse=True))
+    assert torch.allclose(out.logits, base, atol=1e-6)  # block 1 runs an explicit softmax (EViT reads it), not SDPA
+    assert [int(t[0]) for t in out.record.mlp_tokens] == [17, 17, 17]
+    assert out.state.width == 17 and (out.state.patch_ids[:, 1:] >= 0).all()

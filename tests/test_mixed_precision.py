@@ -80,3 +80,23 @@ def test_cli_dtype_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--recipe", "smoke", "--dtype", "fp8", "--out", str(tmp_path / "t")])
     assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_tome_score_fp32_matches_float32_merges_under_bf16():
+    """In bf16 the cosine similarities of near-equal tokens round to ties and ToMe merges other tokens than
+    in float32 (as the reference under AMP); with score_fp32 the bf16 run picks float32's merges here.
+    A one-block model isolates the matching: its input keys differ from float32's only by bf16 rounding."""
+    from vitbudget import run
+    from vitbudget.devices import autocast
+    from vitbudget.models import ViTConfig
+
+    cfg = ViTConfig(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, num_classes=10)
+    model = make_model(cfg, seed=2)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fp32 = run(model, x, build_method("tome", model, r=8)).state.patch_ids
+        with autocast("cpu", "bf16"):
+            default = run(model, x, build_method("tome", model, r=8)).state.patch_ids
+            scored = run(model, x, build_method("tome", model, r=8, score_fp32=True)).state.patch_ids
+    assert not torch.equal(default, fp32)  # the reference's bf16 matching differs (2 of 8 images)
+    assert torch.equal(scored, fp32)

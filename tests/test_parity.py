@@ -338,7 +338,9 @@ def test_spot_heuristic_uses_the_same_counts():
 # A-ViT: the official dense forward (zeroed, masked halted tokens), ponder, q and the prior loss.
 # ---------------------------------------------------------------------------------------------
 def reference_avit(model, x_images, gamma: float, beta: float, eps: float = 0.01):
-    """forward_features_act_token + Block_ACT.forward_act: (logits, mean ponder, q per block)."""
+    """forward_features_act_token + Block_ACT.forward_act: (logits, mean ponder, q per block).
+    Stochastic depth (a model in training mode with drop_path_rate > 0) wraps both branches of every
+    token, halted ones included, with one draw per image, as the official block does."""
     x = model.embed(x_images)
     B, N, _ = x.shape
     c, R, mask, rho = torch.zeros(B, N), torch.ones(B, N), torch.ones(B, N), torch.zeros(B, N)
@@ -349,8 +351,8 @@ def reference_avit(model, x_images, gamma: float, beta: float, eps: float = 0.01
         live = mask[..., None]
         xn = block.norm1(out * live) * live
         a, _, _ = attention(block.attn, xn, bias=((1 - mask) * -1000.0)[:, None, None, :])
-        y = out + block.ls1(a)
-        y = y + block.ls2(block.mlp(block.norm2(y * live) * live))
+        y = out + block.drop_path1(block.ls1(a))
+        y = y + block.drop_path2(block.ls2(block.mlp(block.norm2(y * live) * live)))
         h = torch.sigmoid(y[..., 0] * gamma - beta)
         q.append(h.mean())  # every token of every image (the official h[1:] drops image 0: not reproduced)
         block_output = y * live
@@ -413,6 +415,28 @@ def test_avit_matches_the_official_forward_ponder_and_prior(config):
     losses = method.extra_losses(out, None, None)
     assert torch.allclose(losses["ponder"], ponder, atol=ATOL)
     assert torch.allclose(losses["distr"], official_prior_kl(q, 6, 4), atol=ATOL)
+
+
+def test_avit_q_under_stochastic_depth_matches_the_official_forward():
+    """With drop path on, the official block applies each image's draw to its halted tokens' outputs too,
+    so their scores in q are dropped (or scaled by 1 / keep) with the image: q follows them."""
+    model = halting_model(cfg(depth=6, patch_size=8, drop_path_rate=0.5))
+    opts = dict(gamma=3.0, beta=2.0, target_depth=4.0)
+    x = images(8, seed=3)
+    method = build_method("avit", model, **opts).train()
+    with torch.no_grad():
+        torch.manual_seed(11)  # both draw the same per-image keeps: same shapes, same order (drop_path1, drop_path2)
+        expected, ponder, q = reference_avit(model, x, opts["gamma"], opts["beta"])
+        torch.manual_seed(11)
+        out = method(x)
+        torch.manual_seed(11)
+        plain = reference_avit(model.eval(), x, opts["gamma"], opts["beta"])[2]
+    aux = out.record.aux
+    assert torch.allclose(out.logits, expected, atol=ATOL)
+    assert torch.allclose(aux["avit_ponder"].mean(), ponder, atol=ATOL)
+    assert torch.allclose(aux["avit_q"], q, atol=ATOL), (aux["avit_q"] - q).abs().max()
+    assert 0.2 < float((aux["avit_halt_depth"] < 6).float().mean()) < 1.0
+    assert (q - plain).abs().max() > 1e-2  # the draws do change q
 
 
 def test_avit_q_modes_differ_where_halted_scores_do():
@@ -495,3 +519,18 @@ def test_recipes_use_each_references_predictor_learning_rate():
 
     assert get_recipe("dynamicvit_cifar10").lr_scales == [("predictors", 100.0)]  # backbone at 0.01x (its --lr_scale)
     assert get_recipe("spot_cifar10").lr_scales == [("predictors", 10.0)]
+
+
+def test_dynamicvit_recipe_freezes_cls_token_and_pos_embed_as_its_reference():
+    """raoyongming/DynamicViT fine-tunes with the class token and position embedding frozen: the
+    optimizer built from the recipe leaves them out (requires_grad False) and trains the rest."""
+    from vitbudget.train import get_recipe
+    from vitbudget.train.optim import make_optimizer
+
+    method = build_method("dynamicvit", make_model(), rho=0.7, stages="1").train()
+    optimizer = make_optimizer(method, get_recipe("dynamicvit_cifar10"))
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    names = {name: id(p) in in_groups for name, p in method.named_parameters()}
+    assert not names["model.cls_token"] and not names["model.pos_embed"]
+    assert not method.model.cls_token.requires_grad and not method.model.pos_embed.requires_grad
+    assert all(trainable for name, trainable in names.items() if name not in ("model.cls_token", "model.pos_embed"))

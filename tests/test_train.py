@@ -181,3 +181,30 @@ def test_fine_tuning_labels_follow_the_init_models_class_names(tmp_path, image_f
     init.info.classes = [f"other{c}" for c in range(10)]
     with pytest.raises(DataError, match="not the model's classes"):
         Trainer(smoke(), image_folder, tmp_path / "b", init=init, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("recipe, scale", [("dynamicvit_cifar10", 100.0), ("spot_cifar10", 10.0)])
+def test_predictors_really_step_at_the_recipes_lr_scale(recipe, scale):
+    """After set_lr, the predictor groups' lr is scale x the base, and one AdamW step moves them by it:
+    with a unit gradient the first step is lr / (1 + eps) per weight, on top of decoupled weight decay."""
+    from conftest import make_model
+    from vitbudget.methods import build_method
+    from vitbudget.train.optim import make_optimizer, set_lr
+
+    r = get_recipe(recipe)
+    method = build_method(r.method, make_model(), **{**r.method_options, "stages": "1"}).train()
+    optimizer = make_optimizer(method, r)
+    set_lr(optimizer, 1e-3)
+    params = {name: p for name, p in method.named_parameters() if p.requires_grad}
+    assert {name for name in params if "predictors" in name} and {name for name in params if "predictors" not in name}
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    before = {name: p.detach().clone() for name, p in params.items()}
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for name, p in params.items():
+        lr = 1e-3 * (scale if "predictors" in name else 1.0)
+        assert lr_of[id(p)] == pytest.approx(lr)
+        expected = before[name] * (1 - lr * decay_of[id(p)]) - lr / (1 + 1e-8)
+        assert torch.allclose(p.detach(), expected, atol=1e-7, rtol=0), name

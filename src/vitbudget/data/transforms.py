@@ -13,6 +13,14 @@ from ..models.config import Preprocess
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+def shortest_side_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) with the short side `side` and the long side int(side * long / short), truncated
+    as torchvision's `_compute_resized_output_size` and Hugging Face's shortest-edge resize do."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(side * long / short)
+    return (side, new_long) if width <= height else (new_long, side)
+
+
 class EvalTransform:
     """Resize the short side to img_size / crop_pct, centre-crop img_size, normalise (timm's eval).
 
@@ -33,8 +41,7 @@ class EvalTransform:
             if self.pre.resize == "squash":
                 new = (side, side)
             else:
-                scale = side / min(image.size)
-                new = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+                new = tuple(max(size, n) for n in shortest_side_size(image.width, image.height, side))
             image = image.resize(new, _RESAMPLE.get(self.pre.interpolation, Image.BILINEAR))
             left, top = (image.width - size) // 2, (image.height - size) // 2
             image = image.crop((left, top, left + size, top + size))

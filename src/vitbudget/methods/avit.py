@@ -45,7 +45,9 @@ The prior loss reads q, the per-block halting distribution. `q_mode` chooses its
   norm outputs and masks it as an attention key (a -1000 logit bias), so a halted token queries
   with qkv's bias alone over the running tokens, and its MLP sees zeros; its score is read off
   that output (`AViT.halted_output`: one vector per image, what every halted token of the
-  image computes). Stochastic depth is not applied to that output, which only q reads.
+  image computes). Under stochastic depth (training with drop_path_rate > 0) the official block
+  drops both branches per image, halted tokens included, so their output takes the same per-image
+  draw as the image's running tokens in that block (`drop_path_keeps`).
 * 'halted-zero': a halted token counts 0, so q_l is the running tokens' score mass per token;
   about the same where the official halted scores are ~sigmoid(-beta), not the reference.
 
@@ -75,8 +77,10 @@ A-ViT checkpoint as "baseline" gives its fine-tuned backbone without halting.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -86,7 +90,7 @@ from .. import distributed
 from ..errors import ConfigError
 from ..runtime.attention import multihead_attention
 from ..runtime.token_map import TokenMap
-from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, run, run_block
+from ..runtime.runner import NO_HOOKS, ExecutionRecord, RunOutput, drop_path_rate, run, run_block
 from ..runtime.state import TokenState
 from .base import Method
 from .registry import register
@@ -144,6 +148,27 @@ def log_prior(depth: int, target: float, std: float, kind: str = "normalized") -
     density = torch.exp(-0.5 * ((index - target) / std) ** 2) / (std * math.sqrt(2 * math.pi))
     head = density[: int(target)].sum()
     return (density * (0.98 / head)).log().float()
+
+
+@contextlib.contextmanager
+def drop_path_keeps(block: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """The per-image keeps (B,) bool that the block's active stochastic-depth modules drew while
+    inside this context, by module name ('drop_path1', 'drop_path2'). A kept image's branch is
+    non-zero, a dropped one's exactly zero."""
+    keeps: dict[str, Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if module.training and drop_path_rate(module):
+                keeps[name] = output.detach().flatten(1).ne(0).any(dim=1)
+        return hook
+
+    handles = [getattr(block, name).register_forward_hook(record(name)) for name in ("drop_path1", "drop_path2")]
+    try:
+        yield keeps
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def halting_depth(record: ExecutionRecord) -> Tensor:
@@ -232,7 +257,8 @@ class AViT(Method):
                 key_mask = running | ~running.any(dim=1, keepdim=True)
             # training packs the running tokens (same maths, less work); dense inference computes
             # every token as the official code does, to show what that costs
-            out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record, pack=self.training).x
+            with drop_path_keeps(block) as keeps:  # the per-image draws, for the halted tokens' scores in q
+                out = run_block(block, i, state.replace(x=x, key_mask=key_mask), NO_HOOKS, record, pack=self.training).x
             at_halting = out if key_mask is None else torch.where(needed[..., None], out, at_halting)
             counts = needed.sum(dim=1)
             record.attn_tokens[-1], record.mlp_tokens[-1] = counts, counts
@@ -241,7 +267,7 @@ class AViT(Method):
             if key_mask is None or self.options.q_mode == "halted-zero":
                 q.append((h_raw * live).mean())  # over all tokens; halted ones (if any) add 0
             else:  # halted tokens scored on the output the official forward gives them
-                h_halted = self.halting_score(self.halted_output(block, x, running))  # (B,)
+                h_halted = self.halting_score(self.halted_output(block, x, running, keeps))  # (B,)
                 q.append(torch.where(running, h_raw, h_halted[:, None]).mean())
             h = torch.ones_like(h_raw) if i == depth - 1 else h_raw
             c = c + h * live
@@ -264,19 +290,23 @@ class AViT(Method):
         return self._finish(acc, record, state.replace(x=at_halting))
 
     @staticmethod
-    def halted_output(block: nn.Module, x: Tensor, running: Tensor) -> Tensor:
+    def halted_output(block: nn.Module, x: Tensor, running: Tensor, keeps: dict[str, Tensor] | None = None) -> Tensor:
         """(B, D): what the official forward computes, in `block`, for each image's halted tokens.
 
         There, a halted token's input and both norm outputs are zeroed and its key is masked, so
         it queries with qkv's bias alone over the running tokens (over itself where nothing runs,
         which gives the same value bias), and its MLP sees zeros: ls1(attention) + ls2(mlp(0)),
-        one vector per image. `x`: (B, N, D) block input; `running`: (B, N) bool.
+        one vector per image, each branch under the image's stochastic-depth draw (`keeps`, from
+        `drop_path_keeps`; none: no drop path). `x`: (B, N, D) block input; `running`: (B, N) bool.
         """
         B, N, D = x.shape
         probe = torch.cat([block.norm1(x), x.new_zeros(B, 1, D)], dim=1)  # a zero-input query appended
         keys = torch.cat([running, ~running.any(dim=1, keepdim=True)], dim=1)
         attn_out, _ = multihead_attention(block.attn, probe, key_mask=keys)
-        return block.ls1(attn_out[:, -1]) + block.ls2(block.mlp(x.new_zeros(1, D)))
+        branches = {"drop_path1": block.ls1(attn_out[:, -1]), "drop_path2": block.ls2(block.mlp(x.new_zeros(1, D))).expand(B, D)}
+        for name, keep in (keeps or {}).items():  # as DropPath: branch * keep / (1 - rate)
+            branches[name] = branches[name] * keep[:, None].to(x.dtype) / (1 - drop_path_rate(getattr(block, name)))
+        return branches["drop_path1"] + branches["drop_path2"]
 
     # -- removing: inference --
     def forward_removing(self, images: Tensor) -> RunOutput:

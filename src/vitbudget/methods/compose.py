@@ -11,8 +11,10 @@ tokens still there. What that means, precisely:
   not). So α = 0 is exactly the reducer, and a no-op reducer (n = N) is exactly ABS alone. An
   image with k = 0 is not refined at all (its CLS does not run the extra block either).
 * **Tokens the scorer saw later changed** (ToMe merges inside the last block, after the entropy
-  score was taken): a token keeps the score of the token whose patch id it carries (a merged
-  token: its destination's score). EViT's fused token is scored like any token.
+  score was taken; EViT drops inside the last block after its attention gave `attnvar`): a token
+  keeps the score of the token whose patch id it carries (a merged token: its destination's
+  score), whatever the token counts. EViT's fused token is scored like any token, except when it
+  was made after the scores were taken (it has no patch id to carry them by): it is not refined.
 * **Merged tokens attend proportionally** in the extra block too (log size added to its attention
   logits), as the ToMe'd backbone's own blocks do; padded tokens are masked as keys.
 * **FLOPs charge what ran**: per image the scorer on the tokens it scored plus
@@ -129,8 +131,9 @@ class Stack(Method):
         if scored is state or ABS_SCORE not in scored.extras:
             return scored
         score, p = scored.extras[ABS_SCORE].float(), state.num_prefix
-        source = state if score.shape[1] == state.width - p else pre
-        if source is None or score.shape[1] != source.width - p:
+        attention_based = pre is not None and self.refiner.options.score == "attnvar"
+        source = pre if attention_based else state  # the tokens the scores describe; carried by patch id
+        if score.shape[1] != source.width - p:
             raise RuntimeError(f"ABS scored {score.shape[1]} tokens; the stack holds {state.width - p}")
         per_token = torch.cat([score.new_full((score.shape[0], p), float("-inf")), score], dim=1)
         if source is not state:

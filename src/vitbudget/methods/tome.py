@@ -24,12 +24,17 @@ reference exactly; with CLS + distillation token it is the reference's `distill_
 With no prefix token (global average pooling) the unmerged A tokens keep the reference's
 order (most similar first), which it sorts only when there is a class token.
 
+Under bf16 / fp16 autocast the similarities are computed in that dtype, as the reference does
+under AMP; `score_fp32` (`--score-fp32 true`) computes them in float32 instead, so that the
+merges are those of a float32 run up to the rounding of the keys themselves.
+
 Merging is export-safe (gather, scatter-add, divide; never scatter_reduce "mean", which ONNX
 cannot express). Training-free; r = 0 is exactly the baseline. r larger than half the patch
 tokens is a ConfigError; later blocks merge at most half of what is left.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -48,23 +53,30 @@ from .registry import register
 @dataclass(frozen=True)
 class ToMeOptions:
     r: int = field(default=8, metadata={"help": "tome/mctf: tokens merged in every (mctf: every active) block (at most half the patch tokens)"})
+    score_fp32: bool = field(default=False, metadata={"help": "tome: compute the matching similarities in float32 under bf16 / fp16 "
+                                                               "autocast (default false: in the compute dtype, as the reference under AMP)"})
 
     def __post_init__(self) -> None:
         if self.r < 0:
             raise ConfigError(f"--r must be >= 0 (tokens merged per block), got {self.r}")
 
 
-def bipartite_match(state: TokenState, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, float]:
+def bipartite_match(state: TokenState, metric: Tensor, r: int, score_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, float]:
     """ToMe's matching: which r tokens of set A (even positions) go into which of set B (odd positions).
 
     metric: (B, N, d) similarity features of every token (head-averaged keys). Returns, as positions
     in the sequence, the A tokens merged away (B, r), their partners (B, r) and the tokens kept
     (B, N - r) ordered [prefix, unmerged A, B] (see the module docstring), and the matching MACs per
-    image (the A x B similarity product). ToFu (methods.tofu) matches the same way.
+    image (the A x B similarity product). ToFu (methods.tofu) matches the same way. score_fp32: the
+    similarities in float32, autocast off (in bf16 near-equal similarities round to ties and the
+    matching differs from float32's).
     """
     p = state.num_prefix
     pa, pb = (p + 1) // 2, p // 2  # prefix tokens at even (A) and odd (B) positions
-    with torch.no_grad():  # the matching is a discrete choice, as in the reference
+    precise = torch.autocast(metric.device.type, enabled=False) if score_fp32 else contextlib.nullcontext()
+    with torch.no_grad(), precise:  # the matching is a discrete choice, as in the reference
+        if score_fp32:
+            metric = metric.float()
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         a_m, b_m = m[:, ::2], m[:, 1::2]
         scores = a_m @ b_m.transpose(1, 2)  # (B, Na, Nb), a fresh tensor: protect in place
@@ -86,12 +98,12 @@ def bipartite_match(state: TokenState, metric: Tensor, r: int) -> tuple[Tensor, 
     return src_pos, dst_pos, keep, float(a_m.shape[1] * b_m.shape[1] * m.shape[-1])
 
 
-def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> tuple[TokenState, float]:
+def bipartite_merge(state: TokenState, metric: Tensor, r: int, score_fp32: bool = False) -> tuple[TokenState, float]:
     """Merge r tokens of set A into set B by ToMe's matching and size-weighted average.
 
     Returns the new state, ordered [prefix, unmerged A, B], and the matching MACs per image.
     """
-    src_pos, dst_pos, keep, macs = bipartite_match(state, metric, r)
+    src_pos, dst_pos, keep, macs = bipartite_match(state, metric, r, score_fp32)
     x, p = state.x, state.num_prefix
     size = state.size if state.size is not None else torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
     # size-weighted sums: B partners receive their A sources' x * size and size (scatter-add), then
@@ -169,7 +181,7 @@ class ToMe(Method):
         r = min(self.options.r, (state.width - state.num_prefix) // 2)
         if r <= 0:
             return state
-        new, macs = bipartite_merge(state, info.keys.mean(dim=1), r)
+        new, macs = bipartite_merge(state, info.keys.mean(dim=1), r, self.options.score_fp32)
         record.add_macs(macs)
         return new
 

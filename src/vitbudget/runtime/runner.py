@@ -178,10 +178,14 @@ def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing | None) -
     draws as the unpacked path (packed equals padded under the same seed); otherwise (eval,
     rate 0, Identity, no packing) it is called as is.
     """
-    rate = getattr(drop_path, "p", getattr(drop_path, "drop_prob", 0.0))
-    if packing is None or not (drop_path.training and rate):
+    if packing is None or not (drop_path.training and drop_path_rate(drop_path)):
         return drop_path(branch)
     return packing.pack(drop_path(packing.unpack(branch)))
+
+
+def drop_path_rate(drop_path: nn.Module) -> float:
+    """A stochastic-depth module's drop rate: ours (`p`), timm's (`drop_prob`), 0 for nn.Identity."""
+    return float(getattr(drop_path, "p", getattr(drop_path, "drop_prob", 0.0)))
 
 
 def _packing(state: TokenState, record: ExecutionRecord) -> Packing | None:
