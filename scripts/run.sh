@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv (CPU torch, no CUDA packages) and run the main job or the tests.
-#   bash scripts/run.sh eval [vitbudget eval options]   evaluate the reference model on CIFAR-10 test
+#   bash scripts/run.sh eval [vitbudget eval options]   the main job: the real reference classifier (models/), baseline,
+#                                                       ToMe and EViT, on a fixed 2000-image subset of CIFAR-10 test
 #   bash scripts/run.sh test [pytest options]           run the test suite (what .ci/run calls)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +57,8 @@ if "$venv/bin/python" -m pip list 2>/dev/null | grep -qi nvidia; then
 fi
 
 case "$job" in
-  eval) exec "$venv/bin/vitbudget" eval --out runs/reference "$@" ;;
+  eval) exec "$venv/bin/vitbudget" eval --model models/vits14_cifar10.safetensors --method tome --r 4 --method evit --rho 0.7 \
+         --limit 2000 --latency-repeats 30 --throughput-repeats 5 --out runs/main "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash scripts/run.sh {eval|test} [options]" >&2; exit 2 ;;
 esac

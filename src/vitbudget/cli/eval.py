@@ -110,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
         for line in model.info.notes + conversion_notes(dataset, model.cfg.img_size, model.info.preprocess, f"{args.split} images"):
             print(line, file=sys.stderr)
     indices = subset_indices(len(dataset), args.limit)
+    if len(indices) < len(dataset) and distributed.context().main:
+        print(f"vitbudget: note: a fixed subset of {len(indices)} of the {len(dataset)} {args.split} images (--limit; "
+              "the same images every run)", file=sys.stderr)
     results, preds = evaluate(methods, dataset, indices, batch_size=args.batch_size, workers=args.workers,
                               device=args.device, speed=not args.no_speed, progress=not args.quiet,
                               latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats, dtype=args.dtype)
