@@ -30,6 +30,8 @@ test_requirements=(
   "-e .[hf] transformers==5.23.0"
   # onnx, onnxscript, onnxruntime (the `export` extra), for the export tests
   "-e .[export]"
+  # openvino (the `openvino` extra), for the OpenVINO IR export tests
+  "-e .[openvino]"
 )
 if [ "$job" = test ]; then
   set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)

@@ -66,6 +66,7 @@ requires_timm = anchor("timm", lambda: has_module("timm"), "pip install --no-dep
 requires_corruptions = anchor("imagecorruptions-imaug", lambda: importable("imagecorruptions"), "pip install -e '.[robustness]'")
 requires_export = anchor("onnx, onnxscript, onnxruntime", lambda: all(importable(m) for m in ("onnx", "onnxscript", "onnxruntime")),
                          "pip install -e '.[export]'")
+requires_openvino = anchor("openvino", lambda: importable("openvino"), "pip install -e '.[openvino]'")
 requires_transformers = anchor("transformers", lambda: importable("transformers"), "pip install -e '.[hf]'")
 
 
