@@ -5,8 +5,7 @@ the ONNX file is what the other formats are checked against (one trace, one grap
 `convert_model` is the OVC tool, which sends usage telemetry unless the user opted out; the runtime
 reader sends nothing. Weights stay float32 (`save_model` would halve them to fp16 by default) and
 the runner asks the CPU plug-in for f32 inference (it picks bf16 on CPUs that have it), so the IR
-reproduces PyTorch to float32 rounding. Metadata is stored as rt_info, one JSON string per key,
-under `vitbudget`.
+reproduces PyTorch to float32 rounding. Metadata is stored as rt_info: one JSON string under `vitbudget`.
 """
 from __future__ import annotations
 
@@ -46,8 +45,7 @@ def write_openvino(program: torch.export.ExportedProgram, path: str | os.PathLik
         write_onnx(program, onnx_path, {})
         model = ov.Core().read_model(str(onnx_path))
         model.outputs[0].get_tensor().set_names({OUTPUT_NAME})
-        for key, value in metadata.items():
-            model.set_rt_info(json.dumps(value), [SECTION, key])
+        model.set_rt_info(json.dumps(metadata), [SECTION])
         ov.save_model(model, str(xml), compress_to_fp16=False)
         if verify is not None:
             verify(xml)
@@ -76,8 +74,7 @@ def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _metadata(model) -> dict[str, Any]:
     if not model.has_rt_info([SECTION]):
         return {}
-    section = model.get_rt_info([SECTION])
-    return {key: json.loads(section[key].astype(str)) for key in section.keys()}
+    return json.loads(model.get_rt_info([SECTION]).astype(str))
 
 
 def openvino_block_tokens(path: str | os.PathLike) -> dict[str, list[int]]:
