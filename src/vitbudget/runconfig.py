@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def _check(config: RunConfig, base: Path, where: str) -> None:
     from .methods import make_options
 
     try:
+        _check_option_types(config.method, config.options)
         make_options(config.method, config.options)
     except ConfigError as exc:
         raise ConfigError(f"config file {where!r}: {exc}") from None
@@ -88,3 +90,26 @@ def _check(config: RunConfig, base: Path, where: str) -> None:
             raise CheckpointError(f"config file {where!r}: checkpoint {config.model!r} not found")
     if config.batch_size is not None and (not isinstance(config.batch_size, int) or config.batch_size <= 0):
         raise ConfigError(f"config file {where!r}: batch_size must be a positive integer, got {config.batch_size!r}")
+
+
+# JSON kinds an option of each Python type accepts (the type of its default, as the CLI's flags parse it)
+_KINDS: dict[type, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_option_types(method: str, options: dict[str, Any]) -> None:
+    """A JSON value of the wrong kind ("r": 2.5 or "abc") fails here, not later inside the method.
+
+    Options dataclasses check ranges, not types (a command-line flag is parsed to its type first).
+    """
+    from .methods import get_spec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(get_spec(method).options)}
+    for name, value in options.items():
+        kind = type(defaults.get(name))
+        if kind in _KINDS and not _KINDS[kind][1](value):
+            raise ConfigError(f"option {name!r} of {method!r} must be {_KINDS[kind][0]}, got {json.dumps(value)}")

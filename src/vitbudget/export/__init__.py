@@ -1,7 +1,7 @@
 """Export a ViT with its method to ONNX or a `torch.export` program, with the token savings kept.
 
     from vitbudget.export import export_method, load_exported
-    result = export_method(method, "evit.onnx")     # or "evit.pt2"; format from the suffix
+    result = export_method(method, "evit.onnx")     # or "evit.pt2", "evit.xml" (OpenVINO); format from the suffix
     run = load_exported("evit.onnx")                 # onnxruntime (CPU); run(images) -> logits
     run.metadata["preprocess"], run.metadata["classes"]
 
@@ -23,12 +23,13 @@ from ..errors import ConfigError
 from ..io import atomic_path
 from ..methods.base import Method
 from .metadata import export_metadata
-from .onnx_file import OnnxRunner, onnx_block_tokens, read_onnx_metadata, write_onnx
+from .onnx_file import OnnxRunner, check_opset, onnx_block_tokens, read_onnx_metadata, write_onnx
+from .openvino_file import OpenVinoRunner, openvino_block_tokens, read_openvino_metadata, write_openvino
 from .pt2_file import Pt2Runner, load_pt2, write_pt2
 from .trace import EXAMPLE_BATCH, LogitsOnly, input_shape, program_block_tokens, trace
 
-FORMATS = ("onnx", "torch-export")
-SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export"}
+FORMATS = ("onnx", "torch-export", "openvino")
+SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export", ".xml": "openvino"}
 VERIFY_BATCH = EXAMPLE_BATCH + 1  # another batch size than the traced one: the batch dimension must be free
 
 
@@ -48,8 +49,18 @@ def format_of(path: str | os.PathLike, fmt: str | None = None) -> str:
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ConfigError(f"cannot tell the format from {str(path)!r}: name it .onnx or .pt2, or pass --format {'|'.join(FORMATS)}")
+        raise ConfigError(f"cannot tell the format from {str(path)!r}: name it .onnx, .pt2 or .xml, or pass --format {'|'.join(FORMATS)}")
     return SUFFIXES[suffix]
+
+
+def check_request(fmt: str, path: str | os.PathLike, opset: int | None) -> None:
+    """What can be refused before anything is traced: an opset the exporter cannot write, or one for a non-ONNX file,
+    and an OpenVINO IR not named .xml (its weights go beside it, as .bin)."""
+    if opset is not None and fmt != "onnx":
+        raise ConfigError(f"--opset applies to ONNX files only, not {fmt}")
+    check_opset(opset)
+    if fmt == "openvino" and Path(path).suffix.lower() != ".xml":
+        raise ConfigError(f"an OpenVINO IR is an .xml file with its weights beside it in .bin; name the output .xml, not {str(path)!r}")
 
 
 def export_method(
@@ -63,6 +74,7 @@ def export_method(
     ONNX verification needs onnxruntime; without it `max_abs_diff` is None.
     """
     fmt = format_of(path, fmt)
+    check_request(fmt, path, opset)
     program = trace(method)
     tokens = program_block_tokens(program)
     device = next(iter(method.parameters()), torch.empty(0)).device
@@ -71,6 +83,15 @@ def export_method(
         reference = method(images)
     metadata = export_metadata(method, tokens, reference.record, source)
     diff = None
+
+    def check(runner) -> None:
+        nonlocal diff
+        if verify and runner is not None:
+            diff = float((runner(images).to(reference.logits) - reference.logits).abs().max())
+
+    if fmt == "openvino":
+        write_openvino(program, path, metadata, verify=lambda xml: check(OpenVinoRunner(xml)))
+        return ExportResult(Path(path), fmt, metadata, diff)
     with atomic_path(path) as tmp:
         if fmt == "onnx":
             write_onnx(program, tmp, metadata, opset)
@@ -78,8 +99,7 @@ def export_method(
         else:
             write_pt2(program, tmp, metadata)
             runner = Pt2Runner(tmp)
-        if verify and runner is not None:
-            diff = float((runner(images).to(reference.logits) - reference.logits).abs().max())
+        check(runner)
     return ExportResult(Path(path), fmt, metadata, diff)
 
 
@@ -90,22 +110,32 @@ def _onnx_runner_if_available(path: Path) -> OnnxRunner | None:
         return None
 
 
+def _is_openvino(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".xml"
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The vitbudget metadata of an exported file, either format."""
+    """The vitbudget metadata of an exported file, any format."""
+    if _is_openvino(path):
+        return read_openvino_metadata(path)
     return load_pt2(path)[1] if zipfile.is_zipfile(path) else read_onnx_metadata(path)
 
 
 def load_exported(path: str | os.PathLike, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable images -> logits for an exported file (ONNX under onnxruntime CPU, or .pt2), with `.metadata`."""
+    """A callable images -> logits for an exported file (ONNX under onnxruntime CPU, .pt2, or OpenVINO .xml on CPU), with `.metadata`."""
+    if _is_openvino(path):
+        return OpenVinoRunner(path, threads=threads)
     return Pt2Runner(path) if zipfile.is_zipfile(path) else OnnxRunner(path, threads=threads)
 
 
 def block_tokens(path: str | os.PathLike) -> dict[str, list[int]]:
     """Tokens entering each block's attention and MLP, read from the exported file's own graph."""
+    if _is_openvino(path):
+        return openvino_block_tokens(path)
     return program_block_tokens(load_pt2(path)[0]) if zipfile.is_zipfile(path) else onnx_block_tokens(path)
 
 
 __all__ = [
-    "ExportResult", "FORMATS", "LogitsOnly", "OnnxRunner", "Pt2Runner", "block_tokens", "export_method", "format_of",
+    "ExportResult", "FORMATS", "LogitsOnly", "OnnxRunner", "OpenVinoRunner", "Pt2Runner", "block_tokens", "export_method", "format_of",
     "load_exported", "read_metadata", "trace",
 ]

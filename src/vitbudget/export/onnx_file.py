@@ -20,6 +20,17 @@ from ..errors import CheckpointError, ConfigError
 from .trace import INPUT_NAME, NORM_SCOPE, OUTPUT_NAME, quiet_torch, tokens_by_block
 
 EXTRA = "pip install 'vitbudget[export]'"
+# Opsets the dynamo exporter writes: it converts from its own (18, torchlib's) to the one asked for.
+# Below 18 that conversion fails (no down-adapter for LayerNormalization, ReduceMean) and torch then
+# silently keeps 18, so lower opsets are refused up front; above torch's maximum it has no registry.
+MIN_OPSET = 18
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 23)
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(f"ONNX opset {opset} is not supported: torch {torch.__version__}'s exporter writes opsets {MIN_OPSET} to {MAX_OPSET} "
+                          "(default: its own choice)")
 
 
 def require(module: str, purpose: str):
@@ -34,8 +45,13 @@ def write_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, m
     """Convert and save; every top-level metadata entry becomes one `metadata_props` key (JSON value)."""
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
+    check_opset(opset)
     with quiet_torch():
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, output_names=[OUTPUT_NAME], verbose=False)
+    written = onnx_program.model.opset_imports.get("", None)
+    if opset is not None and written != opset:  # the converter failed and torch kept its own opset
+        raise ConfigError(f"torch's ONNX exporter could not write opset {opset} for this model (it made opset {written}); "
+                          f"use --opset {written} or leave it unset")
     onnx_program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
     onnx_program.save(str(path))
 

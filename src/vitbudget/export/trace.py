@@ -24,27 +24,19 @@ EXAMPLE_BATCH = 2  # traced with 2 images; 0 and 1 would be specialised into the
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 NORM_SCOPE = re.compile(r"(?:^|\.)model\.blocks\.(\d+)\.(norm1|norm2)(?:\.weight)?$")
 
-AVIT_REMOVING = (
-    "avit removes halted tokens, so how many tokens each block runs depends on the pixels of each image "
-    "(data-dependent shapes: torch.export stops at `float(c.max()) < threshold` with GuardOnDataDependentSymNode, "
-    "and a static ONNX graph cannot hold them); export the dense form instead with --dense true "
-    "(the same logits, every token computed as in the official code, so no speed-up)"
-)
-
-
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
-    """Silence what torch's tracer and exporter print that no user can act on: its own pytree
-    deprecation warning, and one log line per torchvision op it cannot find (none concerns a ViT)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence what torch's tracer and exporter log and warn on the way (a whole graph dumped with a
+    data-dependent guard, the ONNX version converter's traceback, deprecations): nothing a user of
+    vitbudget can act on. What fails is raised, and the CLI says it in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(previous)
 
 
 class LogitsOnly(nn.Module):
@@ -65,13 +57,10 @@ def input_shape(method: Method, batch: int) -> tuple[int, int, int, int]:
 
 
 def check_exportable(method: Method) -> None:
-    """Methods whose inference path has data-dependent shapes fail here, with what to do instead."""
-    opts = method.options
-    if method.name == "avit" and getattr(opts, "halting", True) and not getattr(opts, "dense", False):
-        raise ConfigError(AVIT_REMOVING)
-    reason = compile_support(method)
+    """Methods whose inference path has data-dependent shapes fail here, before tracing, with what to do instead."""
+    reason = method.data_dependent_shapes
     if reason is not None:
-        raise ConfigError(f"{method.name} cannot be exported: {reason} (a static graph cannot hold them)")
+        raise ConfigError(f"{method.name} cannot be exported: a static graph needs fixed token counts (data-dependent shapes): {reason}")
 
 
 def trace(method: Method, device: torch.device | str | None = None) -> torch.export.ExportedProgram:

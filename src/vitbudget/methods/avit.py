@@ -208,6 +208,13 @@ class AViT(Method):
         # Saved with the checkpoint (see the module docstring): tokens halting at each block in training.
         self.register_buffer("halt_counts", torch.zeros(cfg.depth))
 
+    @property
+    def data_dependent_shapes(self) -> str | None:
+        if self.options.halting and not self.options.dense:
+            return ("A-ViT removes halted tokens, so how many tokens each block runs depends on the pixels; "
+                    "--dense true gives the same logits with fixed shapes (every token computed as in the official code, no speed-up)")
+        return None
+
     def describe(self) -> dict:
         return {**super().describe(), "target_depth": self.target_depth}
 

@@ -28,6 +28,13 @@ class Method(nn.Module, Hooks):
         return run(self.model, images, self)
 
     @property
+    def data_dependent_shapes(self) -> str | None:
+        """Why this method's inference shapes depend on the pixels, or None when the input's shape fixes
+        every token count. Export refuses such a method and compile lets its graph break; a stack
+        answers for itself and its reducer (methods.compose)."""
+        return None
+
+    @property
     def base_cfg(self):
         """The config rel. FLOPs are measured against: the model as given (resolution scaling runs a resized copy)."""
         return self.model.cfg

@@ -1,8 +1,8 @@
 """A method under `torch.compile`, with the input validation kept eager, outside the graph.
 
-Every method with fixed token counts (all but A-ViT's removing path, whose shapes depend on the
-pixels) compiles into one graph per input shape: `torch.compile(method, fullgraph=True)` finds
-no break on the hot path (tests/test_compile.py). The model's NaN / inf check reads the values
+Every method with fixed token counts (all but those whose `data_dependent_shapes` says why not:
+A-ViT's removing path, and stacks refining after A-ViT) compiles into one graph per input shape:
+`torch.compile(method, fullgraph=True)` finds no break on the hot path (tests/test_compile.py). The model's NaN / inf check reads the values
 (a host sync that would split the graph), so the compiled region leaves it out and
 `CompiledMethod` runs it eagerly first: bad input fails the same way, compiled or not.
 
@@ -21,18 +21,10 @@ from ..errors import ConfigError
 from ..runtime.runner import RunOutput
 from .base import Method
 
-DATA_DEPENDENT = {"avit": "A-ViT removes halted tokens, so its shapes depend on the pixels",
-                  "thresh": "threshold merging merges as many pairs as pass the threshold, so its shapes depend on the pixels"}
-
 
 def compile_support(method: Method) -> str | None:
-    """Why `method` cannot compile into a graph without breaks, or None when it can."""
-    opts = method.options
-    if method.name == "avit" and getattr(opts, "halting", True) and not getattr(opts, "dense", False):
-        return DATA_DEPENDENT["avit"]
-    if method.name.split("+")[0] == "thresh":  # alone or as a stack's reducer
-        return DATA_DEPENDENT["thresh"]
-    return None
+    """Why `method` cannot compile into a graph without breaks (its `data_dependent_shapes`), or None when it can."""
+    return method.data_dependent_shapes
 
 
 class CompiledMethod(nn.Module):

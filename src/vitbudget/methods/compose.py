@@ -37,6 +37,7 @@ both parts had would be ambiguous and makes the stack name a ConfigError.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -80,6 +81,14 @@ class Stack(Method):
 
     # -- which path --
     @property
+    def data_dependent_shapes(self) -> str | None:
+        """The reducer's reason; after A-ViT (dense too) also the refined count, which follows the tokens still running."""
+        if self.halting_reducer and self.reducer.options.halting and self.refining:
+            return ("ABS refines the top alpha of the tokens A-ViT still runs in its last block, so how many it refines "
+                    "depends on the pixels (dense or not); avit --dense true alone, or a fixed-count stack such as tome+abs, has fixed shapes")
+        return self.reducer.data_dependent_shapes
+
+    @property
     def refining(self) -> bool:
         return self.refiner.k > 0  # round(alpha * N) == 0 means round(alpha * n) == 0 for every n <= N
 
@@ -108,21 +117,21 @@ class Stack(Method):
         return self.reducer.needs_keys(index) or self.refiner.needs_keys(index)
 
     def begin(self, model: nn.Module, state: TokenState, record: ExecutionRecord) -> TokenState:
-        state = _carry_scores(state, self.reducer.begin(model, state, record))
+        state = _carry_scores(state, self.reducer.begin(model, state, record), model.cfg.num_patches)
         return state  # ABS's begin only stashes its random draw, which a stack reads by patch id (`_final_scores`)
 
     def before_block(self, index: int, state: TokenState, record: ExecutionRecord) -> TokenState:
-        state = _carry_scores(state, self.reducer.before_block(index, state, record))
+        state = _carry_scores(state, self.reducer.before_block(index, state, record), self.model.cfg.num_patches)
         return self.refiner.before_block(index, state, record)
 
     def after_attention(self, index: int, state: TokenState, info: AttentionInfo, record: ExecutionRecord) -> TokenState:
         new = self.reducer.after_attention(index, state, info, record)
         if new is not state and self.refining:
             record.aux[PRE_ATTENTION] = state  # attention-based scores of this block describe these tokens
-        return self.refiner.after_attention(index, _carry_scores(state, new), info, record)
+        return self.refiner.after_attention(index, _carry_scores(state, new, self.model.cfg.num_patches), info, record)
 
     def after_block(self, index: int, state: TokenState, info: AttentionInfo, record: ExecutionRecord) -> TokenState:
-        state = _carry_scores(state, self.reducer.after_block(index, state, info, record))
+        state = _carry_scores(state, self.reducer.after_block(index, state, info, record), self.model.cfg.num_patches)
         pre = record.aux.pop(PRE_ATTENTION, None)
         return self._take_scores(state, self.refiner.after_block(index, state, info, record), record, pre)
 
@@ -137,7 +146,7 @@ class Stack(Method):
             raise RuntimeError(f"ABS scored {score.shape[1]} tokens; the stack holds {state.width - p}")
         per_token = torch.cat([score.new_full((score.shape[0], p), float("-inf")), score], dim=1)
         if source is not state:
-            per_token = _realign(source, state, per_token)
+            per_token = _realign(source, state, per_token, self.model.cfg.num_patches)
         record.aux["stack_scored_tokens"] = _patch_counts(source)
         extras = {k: v for k, v in scored.extras.items() if k != ABS_SCORE}
         return state.replace(extras={**extras, TOKEN_SCORE: per_token})
@@ -161,7 +170,8 @@ class Stack(Method):
         tokens = state.extras.get(TOKEN_SCORE)
         scores = tokens[:, p:] if tokens is not None else self._final_scores(state)
         scorer = float(self.refiner.scorer_macs(1)) * (n if scored is None else scored).double().cpu()
-        kmax = int(k.max())
+        # without padding every image has the same n, so k is known from shapes alone (no host sync: compiles, exports)
+        kmax = int(math.floor(self.alpha * (state.width - p) + 0.5)) if real is None else int(k.max())
         grid = torch.zeros(B, cfg.num_patches, dtype=torch.bool)
         if kmax == 0:
             return state, scorer, grid
@@ -174,9 +184,11 @@ class Stack(Method):
         prefix = torch.arange(p, device=device).expand(B, -1)
         index = torch.cat([prefix, position + p], dim=1)
         refined_here = torch.cat([(k > 0)[:, None].expand(B, p), chosen], dim=1)
-        # images with nothing to refine run all-masked rows that are discarded; a row must attend to something
-        key_mask = refined_here | ~refined_here.any(dim=1, keepdim=True)
-        sub = state.gather(index).replace(extras={}, policy=None, key_mask=None if bool(key_mask.all()) else key_mask)
+        key_mask = None  # unpadded: kmax > 0 here, so every image refines all kmax tokens
+        if real is not None:  # images with nothing to refine run all-masked rows that are discarded; a row must attend to something
+            key_mask = refined_here | ~refined_here.any(dim=1, keepdim=True)
+            key_mask = None if bool(key_mask.all()) else key_mask
+        sub = state.gather(index).replace(extras={}, policy=None, key_mask=key_mask)
         out = run_block(self.refiner.block, cfg.depth, sub, NO_HOOKS, ExecutionRecord(batch_size=B)).x
         out = torch.where(refined_here[..., None], out, sub.x)
         x = state.x.scatter(1, index[..., None].expand(-1, -1, state.x.shape[-1]), out)
@@ -263,19 +275,18 @@ def _patch_counts(state: TokenState) -> Tensor:
     return state.key_mask[:, state.num_prefix :].sum(dim=1)
 
 
-def _realign(before: TokenState, after: TokenState, values: Tensor) -> Tensor:
+def _realign(before: TokenState, after: TokenState, values: Tensor, num_patches: int) -> Tensor:
     """Per-token values of `before` for the tokens of `after`, matched by original patch id (-inf if none)."""
-    num = int(before.patch_ids.max()) + 1 if before.patch_ids.numel() else 0
-    grid = before.to_patch_grid(values, max(num, 1), fill=float("-inf"))
+    grid = before.to_patch_grid(values, num_patches, fill=float("-inf"))
     ids = after.patch_ids
     found = (ids >= 0) & (ids < grid.shape[1])
     return torch.where(found, grid.gather(1, ids.clamp(0, grid.shape[1] - 1)), torch.full_like(ids, float("-inf"), dtype=values.dtype))
 
 
-def _carry_scores(before: TokenState, after: TokenState) -> TokenState:
+def _carry_scores(before: TokenState, after: TokenState, num_patches: int) -> TokenState:
     """Reducers that rebuild the state (ToMe's merge) drop extras; the scores follow the patch ids."""
     if TOKEN_SCORE in before.extras and TOKEN_SCORE not in after.extras:
-        return after.replace(extras={**after.extras, TOKEN_SCORE: _realign(before, after, before.extras[TOKEN_SCORE])})
+        return after.replace(extras={**after.extras, TOKEN_SCORE: _realign(before, after, before.extras[TOKEN_SCORE], num_patches)})
     return after
 
 

@@ -115,6 +115,10 @@ def merge_per_image(state: TokenState, mt: Matching) -> TokenState:
 class Thresh(Method):
     name = "thresh"
 
+    @property
+    def data_dependent_shapes(self) -> str | None:
+        return "threshold merging merges as many pairs as pass the threshold, so its token counts depend on the pixels"
+
     def needs_keys(self, index: int) -> bool:
         return self.threshold(index) < 1.0
 
