@@ -38,3 +38,21 @@ def test_no_module_pair_imports_each_other():
     pairs = sorted({tuple(sorted((a, b))) for a, targets in graph.items() for b in targets
                     if a in graph.get(b, set()) and not (a.startswith(b + ".") or b.startswith(a + "."))})
     assert pairs == [], f"modules that import each other: {pairs}"
+
+
+def test_a_methods_facts_are_declared_once_at_registration():
+    """Labels, kinds, training and recipes come from the registry; stacks inherit their reducer's."""
+    from vitbudget.methods import METHODS, build_method, get_spec
+    from vitbudget.methods.labels import display_name
+    from vitbudget.models import VisionTransformer
+    from vitbudget.train.recipes import RECIPES
+    from conftest import TINY
+
+    assert all(spec.label for spec in METHODS.values())
+    assert {n for n, s in METHODS.items() if s.trains} == {"avit", "dynamicvit", "spot"}
+    assert all(spec.recipe in RECIPES for spec in METHODS.values() if spec.trains)
+    assert display_name("tome+abs") == "ToMe + ABS" == get_spec("tome+abs").label
+    stack = get_spec("spot+abs")
+    assert (stack.kind, stack.trains, stack.recipe) == ("stack", True, "spot_cifar10")
+    avit_stack = build_method("avit+abs", VisionTransformer(TINY))
+    assert avit_stack.data_dependent_shapes is not None and build_method("tome+abs", VisionTransformer(TINY), r=1).data_dependent_shapes is None

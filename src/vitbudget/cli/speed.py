@@ -158,13 +158,13 @@ def _timm_twin(model):
 
 def _trained_methods(args: argparse.Namespace, source: str, options: dict) -> dict:
     """Methods whose trained parts the checkpoint holds (a DynamicViT or SPOT checkpoint), loaded with them."""
-    from ..eval.realistic import NEEDS_TRAINING
+    from ..methods import get_spec
     from ..methods import load_method
 
     found = {}
     if args.arch is not None:
         return found
-    for name in set(args.methods) & NEEDS_TRAINING:
+    for name in [n for n in args.methods if get_spec(n).trains]:
         try:
             found[name] = load_method(source, name, img_size=args.img_size, **options.get(name, {}))
         except CheckpointError:  # not this method's checkpoint: random-init parts, same speed

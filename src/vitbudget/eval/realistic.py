@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..devices import autocast
-from ..methods import build_method
+from ..methods import build_method, get_spec
 from ..methods.avit import AViTOptions, HaltingReplay, draw_halting_depths
 from ..methods.base import Method
 from ..methods.compiled import CompiledMethod, compile_support
@@ -31,7 +31,6 @@ from ..runtime.cost import dense_macs, macs_per_image
 from .speed import fraction_of_ideal, paired_ratio, time_interleaved
 
 TIMM = "timm"  # the label of timm's own forward
-NEEDS_TRAINING = {"dynamicvit", "spot"}  # learned predictors: random init here unless the checkpoint has them
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def build_entries(
                 method = _replay(model, opts, halting)
             else:
                 method = build_method(name, model, **opts)
-            if name in NEEDS_TRAINING:
+            if get_spec(name).trains:  # learned parts: random init here unless the checkpoint has them
                 part_weights = f"{weights}; predictors random init"
         method.eval()
         note = halting.describe() if name == "avit" else ""

@@ -77,7 +77,7 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
                        checkpoints: Sequence[tuple[str, str]] = ()) -> list[Candidate]:
     """Baseline, each family over its grid (+ ABS), then each (checkpoint, method) given (+ ABS if it reduces tokens)."""
     from ..methods import make_options
-    from ..methods.compose import REDUCERS
+    from ..methods.registry import names_of
 
     make_options("abs", {"alpha": stack_alpha})  # a bad --stack-alpha is an error, not a family that does not apply
     unknown = sorted(set(families) - set(FAMILIES))
@@ -104,7 +104,7 @@ def default_candidates(cfg, *, families: Sequence[str] = FAMILIES, stacks: bool 
     checkpoints = list(dict.fromkeys(checkpoints))  # the same checkpoint twice is measured once
     for (path, method), name in zip(checkpoints, checkpoint_names([p for p, _ in checkpoints])):
         out.append(Candidate(f"{display_name(method)} ({name})", method, {}, path))
-        if stacks and method in REDUCERS:
+        if stacks and method in names_of("reducer"):
             out.append(Candidate(f"{display_name(method + '+abs')} ({name}) α {stack_alpha:g}", method + "+abs", {"alpha": stack_alpha}, path))
     return out
 

@@ -7,8 +7,11 @@ drop maps, MACs) is traced too, but reaches no output, so the exported graph dro
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import logging
 import re
+import sys
 import warnings
 from typing import Iterator
 
@@ -32,11 +35,30 @@ def quiet_torch() -> Iterator[None]:
     previous = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _silenced_output():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """stdout and stderr to nowhere, at the Python and the file-descriptor level (the tracer prints
+    a failing graph from code that bypasses logging)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 class LogitsOnly(nn.Module):

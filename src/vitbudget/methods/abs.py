@@ -204,4 +204,5 @@ class ABS(Method):
 
 
 register("abs", lambda model, opts: ABS(model, opts), ABSOptions,
-         "ABS: one extra block (copy of the last) refines the top alpha of patch tokens post hoc")
+         "ABS: one extra block (copy of the last) refines the top alpha of patch tokens post hoc",
+         label="ABS", kind="refiner")

@@ -534,4 +534,5 @@ def draw_halting_depths(batch: int, tokens: int, depth: int, mean: float, std: f
 
 
 register("avit", lambda model, opts: AViT(model, opts), AViTOptions,
-         "A-ViT: adaptive per-token halting (ACT on channel 0); halted tokens removed at inference, batched")
+         "A-ViT: adaptive per-token halting (ACT on channel 0); halted tokens removed at inference, batched",
+         label="A-ViT", kind="reducer", trains=True, recipe="avit_cifar10")

@@ -53,10 +53,9 @@ from ..runtime.token_map import TokenMap
 from .abs import ABS
 from .avit import AViT
 from .base import Method
-from .registry import MethodSpec, get_spec, set_stack_resolver
+from .registry import MethodSpec, get_spec, names_of, set_stack_resolver
 
-REDUCERS = ("tome", "pitome", "tofu", "thresh", "mctf", "zerotprune", "evit", "spot", "spot_heuristic", "dynamicvit", "avit")
-REFINERS = ("abs",)
+
 ABS_SCORE = "abs_score"  # the extra in which ABS's hooks leave their (B, patch tokens) scores
 TOKEN_SCORE = "stack_abs_score"  # the same scores per token (prefix -inf), so they travel with reductions
 PRE_ATTENTION = "stack_pre_attention"  # the state a block's attention saw, when the reducer changed it after
@@ -299,11 +298,12 @@ def compose(reducer: Method, refiner: Method) -> Stack:
 
 
 def check_parts(reducer: str, refiner: str) -> None:
-    if reducer in REFINERS and refiner in REDUCERS:
+    reducers, refiners = names_of("reducer"), names_of("refiner")
+    if reducer in refiners and refiner in reducers:
         raise ConfigError(f"stack {reducer}+{refiner}: write the reducer first ({refiner}+{reducer}): tokens are reduced, then ABS refines the survivors")
-    if reducer not in REDUCERS:
-        raise ConfigError(f"stack {reducer}+{refiner}: {reducer!r} is not a token reducer; stacks are REDUCER+abs with REDUCER one of {', '.join(REDUCERS)}")
-    if refiner not in REFINERS:
+    if reducer not in reducers:
+        raise ConfigError(f"stack {reducer}+{refiner}: {reducer!r} is not a token reducer; stacks are REDUCER+abs with REDUCER one of {', '.join(reducers)}")
+    if refiner not in refiners:
         raise ConfigError(f"stack {reducer}+{refiner}: {refiner!r} is not a refiner; stacks are REDUCER+abs")
 
 
@@ -356,7 +356,9 @@ def stack_spec(name: str) -> MethodSpec:
         parts = {part: get_spec(part).build(model, split[part]) for part in names}
         return Stack(model, parts[reducer], parts[refiner], opts)
 
-    return MethodSpec(name, build, options, f"{reducer}, then ABS refines the top alpha of its surviving tokens")
+    parts = [get_spec(reducer), get_spec(refiner)]
+    return MethodSpec(name, build, options, f"{reducer}, then ABS refines the top alpha of its surviving tokens",
+                      label=" + ".join(p.label for p in parts), kind="stack", trains=parts[0].trains, recipe=parts[0].recipe)
 
 
 set_stack_resolver(stack_spec)

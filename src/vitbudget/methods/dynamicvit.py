@@ -42,4 +42,5 @@ class DynamicViT(PredictorMethod):
 
 
 register("dynamicvit", lambda model, opts: DynamicViT(model, opts), DynamicViTOptions,
-         "DynamicViT: learned embedding-only predictors prune to rho^k of the tokens at each stage (needs training)")
+         "DynamicViT: learned embedding-only predictors prune to rho^k of the tokens at each stage (needs training)",
+         label="DynamicViT", kind="reducer", trains=True, recipe="dynamicvit_cifar10")

@@ -85,4 +85,5 @@ class EViT(Method):
 
 
 register("evit", lambda model, opts: EViT(model, opts), EViTOptions,
-         "EViT: keep the top rho of tokens by CLS attention inside blocks 3/6/9, optionally fuse the rest into one token (training-free)")
+         "EViT: keep the top rho of tokens by CLS attention inside blocks 3/6/9, optionally fuse the rest into one token (training-free)",
+         label="EViT", kind="reducer")

@@ -3,17 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-DISPLAY = {
-    "baseline": "Baseline", "abs": "ABS", "tome": "ToMe", "pitome": "PiToMe", "tofu": "ToFu", "thresh": "Threshold merge", "evit": "EViT", "spot": "SPOT", "spot_heuristic": "SPOT heuristic",
-    "dynamicvit": "DynamicViT", "mctf": "MCTF", "zerotprune": "Zero-TPrune", "avit": "A-ViT", "depth": "Uniform depth", "resolution": "Res scale", "multicrop": "Multi-crop",
-}
+from .registry import METHODS
+
 SYMBOLS = {"rho": "ρ", "r": "r", "ratio": "ratio", "thr0": "thr₀", "alpha": "α", "target_depth": "d", "scale": "×", "crop_fraction": "crop", "ponder_weight": "ponder"}
 HIDDEN = {"seed", "stages"}  # settings that do not tell curves apart in a legend
 
 
 def display_name(method: str) -> str:
-    """'tome+abs' -> 'ToMe + ABS'; unknown names are returned as they are."""
-    return " + ".join(DISPLAY.get(part, part) for part in method.split("+"))
+    """'tome+abs' -> 'ToMe + ABS' (each part's registered label); unknown names are returned as they are."""
+    return " + ".join(METHODS[part].label if part in METHODS else part for part in method.split("+"))
 
 
 def setting_label(options: dict[str, Any]) -> str:

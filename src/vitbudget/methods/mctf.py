@@ -267,4 +267,5 @@ class MCTF(Method):
 
 
 register("mctf", lambda model, opts: MCTF(model, opts), MCTFOptions,
-         "MCTF: multi-criteria (similarity, attention, size) bidirectional token fusion with one-step-ahead attention (training-free)")
+         "MCTF: multi-criteria (similarity, attention, size) bidirectional token fusion with one-step-ahead attention (training-free)",
+         label="MCTF", kind="reducer")

@@ -155,4 +155,5 @@ class PiToMe(Method):
 
 
 register("pitome", lambda model, opts: PiToMe(model, opts), PiToMeOptions,
-         "PiToMe: energy-ordered merging that protects isolated tokens, size-weighted average (training-free)")
+         "PiToMe: energy-ordered merging that protects isolated tokens, size-weighted average (training-free)",
+         label="PiToMe", kind="reducer")

@@ -16,12 +16,31 @@ class NoOptions:
     """The baseline takes no options."""
 
 
+KINDS = ("baseline", "reducer", "refiner", "test-time", "stack")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """Everything the CLI, tune, stacks, reports and checkpoints need to know about a method, in one place.
+
+    kind: 'reducer' (drops, merges or halts tokens: can be followed by ABS in a stack), 'refiner'
+    (ABS), 'test-time' (global test-time baselines), 'baseline', 'stack'. trains: it has learned
+    parts, so its numbers mean something only after `recipe` trained them. Whether its shapes are
+    data-dependent can depend on its options, so each Method answers `data_dependent_shapes` itself.
+    """
+
     name: str
     build: Callable[[nn.Module, Any], Method]
     options: type
     summary: str
+    label: str = ""
+    kind: str = "reducer"
+    trains: bool = False
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -35,11 +54,18 @@ def set_stack_resolver(resolver: Callable[[str], MethodSpec]) -> None:
     _stack_resolver = resolver
 
 
-def register(name: str, build: Callable[[nn.Module, Any], Method], options: type, summary: str) -> None:
-    METHODS[name] = MethodSpec(name, build, options, summary)
+def register(name: str, build: Callable[[nn.Module, Any], Method], options: type, summary: str, *, label: str = "",
+             kind: str = "reducer", trains: bool = False, recipe: str | None = None) -> None:
+    """Make a method known by `name` with its facts (see MethodSpec); the CLI's flags come from `options`."""
+    METHODS[name] = MethodSpec(name, build, options, summary, label=label or name, kind=kind, trains=trains, recipe=recipe)
 
 
-register("baseline", lambda model, opts: Baseline(model, opts), NoOptions, "the unmodified ViT")
+def names_of(kind: str) -> list[str]:
+    """Registered methods of one kind, in registration order (e.g. the reducers a stack accepts)."""
+    return [name for name, spec in METHODS.items() if spec.kind == kind]
+
+
+register("baseline", lambda model, opts: Baseline(model, opts), NoOptions, "the unmodified ViT", label="Baseline", kind="baseline")
 
 
 def make_options(name: str, values: dict[str, Any]) -> Any:

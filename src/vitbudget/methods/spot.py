@@ -121,6 +121,8 @@ class SPOTHeuristic(Method):
 
 
 register("spot", lambda model, opts: SPOT(model, opts), SPOTOptions,
-         "SPOT: learned predictors on token embeddings + attention statistics and their running mean/variance (needs training)")
+         "SPOT: learned predictors on token embeddings + attention statistics and their running mean/variance (needs training)",
+         label="SPOT", kind="reducer", trains=True, recipe="spot_cifar10")
 register("spot_heuristic", lambda model, opts: SPOTHeuristic(model, opts), HeuristicOptions,
-         "SPOT's Table-7 heuristic: keep tokens by CLS attention averaged over heads and blocks so far (training-free)")
+         "SPOT's Table-7 heuristic: keep tokens by CLS attention averaged over heads and blocks so far (training-free)",
+         label="SPOT heuristic", kind="reducer")

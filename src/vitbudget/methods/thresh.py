@@ -149,4 +149,5 @@ class Thresh(Method):
 
 
 register("thresh", lambda model, opts: Thresh(model, opts), ThreshOptions,
-         "threshold merging: every matched pair above a depth-decaying similarity merges, each image its own count, run packed (training-free)")
+         "threshold merging: every matched pair above a depth-decaying similarity merges, each image its own count, run packed (training-free)",
+         label="Threshold merge", kind="reducer")

@@ -109,4 +109,5 @@ class ToFu(Method):
 
 
 register("tofu", lambda model, opts: ToFu(model, opts), ToFuOptions,
-         "ToFu: ToMe's matching; prune in the first half of the blocks, norm-preserving MLERP merge after (training-free)")
+         "ToFu: ToMe's matching; prune in the first half of the blocks, norm-preserving MLERP merge after (training-free)",
+         label="ToFu", kind="reducer")

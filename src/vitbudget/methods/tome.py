@@ -190,4 +190,5 @@ class ToMe(Method):
 
 
 register("tome", lambda model, opts: ToMe(model, opts), ToMeOptions,
-         "ToMe: merge r token pairs per block by bipartite soft matching of keys, proportional attention (training-free)")
+         "ToMe: merge r token pairs per block by bipartite soft matching of keys, proportional attention (training-free)",
+         label="ToMe", kind="reducer")

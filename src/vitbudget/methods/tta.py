@@ -152,8 +152,11 @@ class UniformDepth(Method):
 
 
 register("resolution", lambda model, opts: Resolution(model, opts), ResolutionOptions,
-         "resolution scaling: bilinear upsampling and resampled position embeddings")
+         "resolution scaling: bilinear upsampling and resampled position embeddings",
+         label="Res scale", kind="test-time")
 register("multicrop", lambda model, opts: MultiCrop(model, opts), MultiCropOptions,
-         "multi-crop: probabilities averaged over centre and four corner crops")
+         "multi-crop: probabilities averaged over centre and four corner crops",
+         label="Multi-crop", kind="test-time")
 register("depth", lambda model, opts: UniformDepth(model, opts), NoOptions,
-         "uniform depth: one extra copy of the last block on all tokens")
+         "uniform depth: one extra copy of the last block on all tokens",
+         label="Uniform depth", kind="test-time")

@@ -186,4 +186,5 @@ class ZeroTPrune(Method):
 
 
 register("zerotprune", lambda model, opts: ZeroTPrune(model, opts), ZeroTPruneOptions,
-         "Zero-TPrune: prune by weighted PageRank on the attention graph and by key similarity, blocks 3/6/9 (training-free)")
+         "Zero-TPrune: prune by weighted PageRank on the attention graph and by key similarity, blocks 3/6/9 (training-free)",
+         label="Zero-TPrune", kind="reducer")
