@@ -10,7 +10,7 @@ from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import OutputDir, write_json, write_text
-from .options import (add_class_mismatch_flag, add_config_flag, apply_run_config, device_arg, label_source, open_dataset, positive_int,
+from .options import (add_common_flags, add_class_mismatch_flag, add_config_flag, apply_run_config, device_arg, label_source, open_dataset, positive_int,
                       resolve_default, split_list, workers_count)
 
 EPILOG = """examples:
@@ -33,19 +33,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     be.add_argument("--suite", default=None, metavar="NAME|FILE.json",
                     help=f"named suite ({', '.join(sorted(SUITES))}) or a JSON suite file (required unless --config)")
+    add_common_flags(be, out="runs/bench", batch_size=256, batch_help="evaluation batch size")
     be.add_argument("--model", default=None, help="checkpoint (default: the shared reference model)")
     be.add_argument("--data", default=None, help="ImageFolder directory or archive (default: shared CIFAR-10)")
     be.add_argument("--split", type=split_list, default="test", help="split folder, or several separated by commas (one table each plus a summary)")
     be.add_argument("--limit", type=positive_int, default=None, help="fixed pseudo-random subset of this many images per split")
     be.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 for methods with random parts (default 5)")
-    be.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size (default 256)")
     be.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
-    be.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     be.add_argument("--no-speed", action="store_true", help="skip latency and throughput")
     be.add_argument("--compile", action="store_true", help="run every method under torch.compile (inputs still checked eagerly; A-ViT with graph breaks)")
     be.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     be.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
-    be.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     be.add_argument("--quiet", action="store_true", help="no progress bars")
     add_class_mismatch_flag(be)
     add_config_flag(be)

@@ -11,7 +11,7 @@ from .. import distributed
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..io import OutputDir, write_json, write_text
 from ..methods import build_method, load_method
-from .options import (add_checkpoint_flags, add_class_mismatch_flag, add_config_flag, add_method_option_flags, apply_run_config,
+from .options import (add_common_flags, add_checkpoint_flags, add_class_mismatch_flag, add_config_flag, add_method_option_flags, apply_run_config,
                       check_unused_options, device_arg, label_source, method_help, method_name, method_options, open_dataset,
                       positive_int, resolve_default, workers_count)
 
@@ -39,24 +39,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Evaluate one or more methods on a ViT checkpoint and an ImageFolder dataset.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(ev)
+    add_common_flags(ev, out="runs/eval", dtype="fp32", batch_size=256, batch_help="evaluation batch size")
     ev.add_argument("--task", choices=["classification", "saliency"], default="classification",
                     help="classification (the ViT's own head), or saliency: the model directory's dense head on the patch grid, "
                          "scored against the unmodified model's maps (see docs/saliency.md; default classification)")
     ev.add_argument("--data", default=None, help=f"ImageFolder directory or .tar/.tar.gz of one; default: shared {DEFAULT_DATA}")
     ev.add_argument("--split", default="test", help="split folder inside --data (default: test)")
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate a fixed pseudo-random subset of this many images")
-    ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size (default 256)")
     ev.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
-    ev.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     ev.add_argument("--method", action="append", default=None, type=method_name, metavar="NAME",
                     help=method_help("method to evaluate; repeat for several (the baseline is always included)"))
-    ev.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                    help="fp32, or bf16 / fp16 autocast (fp16: GPUs only); softmax, norms and ε terms stay float32 (default fp32)")
     ev.add_argument("--no-speed", action="store_true", help="skip latency and throughput measurement")
     ev.add_argument("--compile", action="store_true", help="run every method under torch.compile (inputs still checked eagerly; A-ViT with graph breaks)")
     ev.add_argument("--latency-repeats", type=positive_int, default=50, help="batch-1 timing rounds per method, round-robin (default 50)")
     ev.add_argument("--throughput-repeats", type=positive_int, default=10, help="batch-64 timing rounds per method, round-robin (default 10)")
-    ev.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     add_class_mismatch_flag(ev)
     add_config_flag(ev)

@@ -8,7 +8,7 @@ from ..defaults import DEFAULT_MODEL
 from ..export import FORMATS
 from ..export.onnx_file import MAX_OPSET, MIN_OPSET
 from ..methods import build_method, load_method
-from .options import (add_checkpoint_flags, add_config_flag, add_method_option_flags, apply_run_config, bounded, check_unused_options,
+from .options import (add_common_flags, add_checkpoint_flags, add_config_flag, add_method_option_flags, apply_run_config, bounded, check_unused_options,
                       device_arg, method_help, method_name, method_options, resolve_default)
 
 EPILOG = """examples:
@@ -34,12 +34,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Trace a checkpoint with a method into one file that runs without vitbudget.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(ex)
+    add_common_flags(ex, out=None, out_help="output file (.onnx, .pt2 or .xml)")
     ex.add_argument("--method", default=None, type=method_name, metavar="NAME", help=method_help("method to export with the model (default baseline)"))
     ex.add_argument("--format", default=None, choices=list(FORMATS), help="file format (default: from --out's suffix, .onnx, .pt2 or .xml)")
-    ex.add_argument("--out", required=True, help="output file")
     ex.add_argument("--opset", type=bounded(int, f"an ONNX opset from {MIN_OPSET} to {MAX_OPSET}", lambda v: MIN_OPSET <= v <= MAX_OPSET),
                     default=None, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the exporter's, 20 with torch 2.13)")
-    ex.add_argument("--device", default="cpu", type=device_arg, help="device to trace on (default cpu)")
     ex.add_argument("--no-verify", action="store_true", help="skip running the exported file against PyTorch")
     add_config_flag(ex)
     add_method_option_flags(ex)

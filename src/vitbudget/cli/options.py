@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..data.loader import MAX_WORKERS
 from ..defaults import DEFAULT_MODEL, default_path
+from ..devices import DTYPES
 from ..errors import ConfigError
 from ..methods import METHODS, get_spec
 
@@ -33,6 +34,29 @@ def add_method_option_flags(parser: argparse.ArgumentParser) -> list[str]:
             group.add_argument(flag, dest=f"opt_{field.name}", type=kind, default=None,
                                help=field.metadata.get("help", f"{spec.name} option") + f" (default {field.default})")
     return names
+
+
+_UNSET = object()
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, out: Any = _UNSET, out_help: str = "output directory", device: bool = True,
+                     dtype: Any = _UNSET, batch_size: Any = _UNSET, batch_help: str = "batch size") -> None:
+    """The flags every command spells the same way, defined (and validated) here once.
+
+    out: default output path (None: required); dtype: default precision (None: the recipe's);
+    batch_size: default (None: the recipe's). A flag whose argument is left unset is not added.
+    """
+    if out is not _UNSET:
+        parser.add_argument("--out", required=out is None, default=out, help=out_help + ("" if out is None else f" (default {out})"))
+    if device:
+        parser.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    if dtype is not _UNSET:
+        parser.add_argument("--dtype", choices=list(DTYPES), default=dtype,
+                            help="fp32, or bf16 / fp16 autocast (fp16: GPUs only); softmax, norms and ε terms stay float32"
+                                 + (f" (default {dtype})" if dtype else " (default: the recipe's)"))
+    if batch_size is not _UNSET:
+        parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                            help=batch_help + (f" (default {batch_size})" if batch_size else " (default: the recipe's)"))
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:

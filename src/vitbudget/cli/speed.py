@@ -8,11 +8,10 @@ import sys
 import torch
 
 from ..defaults import DEFAULT_MODEL
-from ..devices import DTYPES
 from ..errors import CheckpointError, ConfigError
 from ..io import OutputDir, write_json, write_text
 from ..methods import METHODS
-from .options import (add_checkpoint_flags, add_method_option_flags, bounded, check_unused_options, device_arg, method_options,
+from .options import (add_common_flags, add_checkpoint_flags, add_method_option_flags, bounded, check_unused_options, device_arg, method_options,
                       positive_float, positive_int, resolve_default)
 
 DEFAULT_METHODS = "baseline,evit,tome,spot_heuristic,dynamicvit,spot,abs,avit"
@@ -57,11 +56,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         description="Time methods round-robin against the baseline (and timm) at several batch sizes.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(sp)
+    add_common_flags(sp, out="runs/speed", dtype="fp32")
     sp.add_argument("--methods", type=method_list, default=method_list(DEFAULT_METHODS), help=f"comma-separated methods (default {DEFAULT_METHODS})")
     sp.add_argument("--batch-sizes", type=batch_list, default=[1, 8, 64], help="comma-separated batch sizes (default 1,8,64)")
     sp.add_argument("--compile", action="store_true", help="also time every method under torch.compile (fullgraph; A-ViT stays eager)")
-    sp.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
-    sp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16 / fp16 autocast (default fp32)")
     sp.add_argument("--repeats", type=positive_int, default=20, help="timed rounds per batch size, round-robin (default 20)")
     sp.add_argument("--warmup", type=bounded(int, "an integer >= 1", lambda v: v >= 1), default=3,
                     help="untimed rounds first (compilation happens here; default 3)")
@@ -70,7 +68,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     sp.add_argument("--avit-depth-std", type=bounded(float, "a finite number >= 0", lambda v: v >= 0 and v == v and v != float("inf")),
                     default=2.0, help="A-ViT replay: standard deviation of patch-token depths in blocks (default 2)")
     sp.add_argument("--no-timm", action="store_true", help="leave out timm's own forward")
-    sp.add_argument("--out", default="runs/speed", help="output directory (default runs/speed)")
     sp.add_argument("--quiet", action="store_true", help="no progress lines")
     add_method_option_flags(sp)
     return sp

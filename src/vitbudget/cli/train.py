@@ -9,7 +9,7 @@ import sys
 from .. import distributed
 from ..defaults import DEFAULT_DATA
 from ..errors import ConfigError
-from .options import (add_method_option_flags, device_arg, method_help, method_name, method_options, nonnegative_float, nonnegative_int, positive_float, positive_int,
+from .options import (add_common_flags, add_method_option_flags, device_arg, method_help, method_name, method_options, nonnegative_float, nonnegative_int, positive_float, positive_int,
                       resolve_default, workers_count)
 
 EPILOG = """examples:
@@ -50,13 +50,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--num-classes", type=positive_int, default=None, help="scratch: outputs (default: the training split's classes)")
     tr.add_argument("--eval-split", default=None, help="held-out split evaluated after each epoch (default: test, else val)")
     tr.add_argument("--data", default=None, help=f"ImageFolder with train/ and test/ splits, or an archive; default: shared {DEFAULT_DATA}")
-    tr.add_argument("--out", required=True, help="run directory: checkpoints, final model, log")
+    add_common_flags(tr, out=None, out_help="run directory: checkpoints, final model, log", dtype=None, batch_size=None)
     tr.add_argument("--init", default=None, help="start from this checkpoint instead of random weights (fine-tuning)")
     tr.add_argument("--teacher", default=None, help="frozen teacher checkpoint for distillation (default for distilling recipes: --init)")
     tr.add_argument("--distill-weight", type=nonnegative_float, default=None, help="weight of KL(teacher||student)")
     tr.add_argument("--epochs", type=positive_float, default=None, help="override the recipe's epochs")
     tr.add_argument("--lr", type=positive_float, default=None, help="override the recipe's peak learning rate")
-    tr.add_argument("--batch-size", type=positive_int, default=None, help="override the recipe's batch size")
     tr.add_argument("--seed", type=nonnegative_int, default=None, help="override the recipe's seed (initialisation, order, augmentation; never which --train-limit images)")
     tr.add_argument("--train-limit", type=positive_int, default=None, help="train on a fixed subset of this many images (the same at every --seed; disjoint from `tune`'s hold-out)")
     tr.add_argument("--eval-limit", type=positive_int, default=None, help="test images evaluated after each epoch")
@@ -66,9 +65,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--method", default=None, type=method_name, metavar="NAME",
                     help=method_help("train this method around the ViT (default: the recipe's); a stack trains its reducer"))
     tr.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
-    tr.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
-    tr.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                    help="mixed precision: bf16 / fp16 autocast (fp16 with a gradient scaler, GPUs only; default: the recipe's, fp32)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_method_option_flags(tr)
     return tr

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import CheckpointError, ConfigError
 from ..io import OutputDir, write_json, write_text
-from .options import (add_checkpoint_flags, add_class_mismatch_flag, device_arg, finite_float, label_source, nonnegative_int, open_dataset,
+from .options import (add_common_flags, add_checkpoint_flags, add_class_mismatch_flag, device_arg, finite_float, label_source, nonnegative_int, open_dataset,
                       positive_int, resolve_default, workers_count)
 
 EPILOG = """examples:
@@ -40,12 +40,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_flags(tu)
     tu.add_argument("--data", default=None, help=f"ImageFolder directory or archive with a train/ split (default: shared {DEFAULT_DATA})")
+    add_common_flags(tu, out="runs/tune", batch_size=1, batch_help="batch size the speed-up is measured at (at most --holdout)")
     tu.add_argument("--split", default="train", help="split the held-out images come from (default train; never test)")
     tu.add_argument("--holdout", type=positive_int, default=1000, help="held-out images of --split that measure accuracy (default 1000)")
     tu.add_argument("--target-speedup", type=float, default=None, help="measured speed-up over the baseline to reach, e.g. 1.5")
     tu.add_argument("--target-flops", type=float, default=None, help="relative FLOPs to stay under, e.g. 0.6")
-    tu.add_argument("--batch-size", type=positive_int, default=1, help="batch size the speed-up is measured at (default 1; at most --holdout)")
-    tu.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     tu.add_argument("--checkpoint", action="append", default=[], metavar="PATH", help="a trained method checkpoint to include (repeatable)")
     tu.add_argument("--methods", default=None, help="training-free families to sweep, comma-separated (default: all of them)")
     tu.add_argument("--no-stacks", action="store_true", help="do not try REDUCER+abs stacks")
@@ -55,7 +54,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls per candidate before timing (default 3)")
     tu.add_argument("--eval-batch-size", type=positive_int, default=256, help="batch size of the accuracy pass (default 256)")
     tu.add_argument("--workers", type=workers_count, default=None, help="data-loading processes, 0 to 64 (default: min(2, cores))")
-    tu.add_argument("--out", default="runs/tune", help="output directory (default runs/tune)")
     tu.add_argument("--quiet", action="store_true", help="no progress bars")
     add_class_mismatch_flag(tu)
     return tu
