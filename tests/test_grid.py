@@ -30,6 +30,8 @@ NO_OP = {
     "tome+abs": {"r": 0, "alpha": 0.0}, "evit+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0},
     "dynamicvit+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0}, "spot+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0},
     "spot_heuristic+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0}, "avit+abs": {"halting": False, "alpha": 0.0},
+    "mctf": {"r": 0}, "zerotprune": {"rho": 1.0, "stages": "1,2"}, "pitome": {"ratio": 1.0}, "tofu": {"r": 0},
+    "thresh": {"thr0": 1.5},
 }
 NO_NO_OP = {"depth", "multicrop"}
 REDUCING = [
@@ -39,11 +41,13 @@ REDUCING = [
     ("tome+abs", {"r": 3, "alpha": 0.3}), ("evit+abs", {"rho": 0.5, "stages": "1,2", "alpha": 0.3}),
     ("dynamicvit+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}), ("spot+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}),
     ("spot_heuristic+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}),
+    ("mctf", {"r": 3}), ("mctf", {"r": 3, "one_step_ahead": 0}), ("zerotprune", {"rho": 0.5, "stages": "1,2"}),
+    ("pitome", {"ratio": 0.8}), ("tofu", {"r": 2}), ("thresh", {"thr0": 0.7}),
 ]
-PRUNING = [  # (method, options, whether it drops inside a block after attention (EViT) or before a block)
-    ("evit", {"rho": 0.5, "stages": "1,2"}, True), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True}, True),
-    ("dynamicvit", {"rho": 0.6, "stages": "1,3"}, False), ("spot", {"rho": 0.6, "stages": "1,2"}, False),
-    ("spot_heuristic", {"rho": 0.6, "stages": "2,3"}, False),
+PRUNING = [  # (method, options, where it drops: inside a stage block after attention (EViT), before it, or after it)
+    ("evit", {"rho": 0.5, "stages": "1,2"}, "inside"), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True}, "inside"),
+    ("dynamicvit", {"rho": 0.6, "stages": "1,3"}, "before"), ("spot", {"rho": 0.6, "stages": "1,2"}, "before"),
+    ("spot_heuristic", {"rho": 0.6, "stages": "2,3"}, "before"), ("zerotprune", {"rho": 0.5, "stages": "1,2"}, "after"),
 ]
 
 
@@ -178,8 +182,8 @@ def per_patch(state) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("name, opts, inside", PRUNING, ids=lambda v: v if isinstance(v, str) else "")
-def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, inside):
+@pytest.mark.parametrize("name, opts, where", PRUNING, ids=lambda v: v if isinstance(v, str) else "")
+def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, where):
     method = build_method(name, model, **opts).eval()
     seen = {}
     after_attention, after_block = method.after_attention, method.after_block
@@ -199,7 +203,7 @@ def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, in
     assert (drop <= len(stages)).any()
     expected = per_patch(out.state)
     for k, block in enumerate(stages, start=1):
-        at = seen["mid", block] if inside else seen["out", block - 1]
+        at = seen["mid", block] if where == "inside" else seen["out", block - 1 if where == "before" else block]
         expected[drop == k] = at[drop == k]
     assert torch.isfinite(expected).all()
     assert torch.equal(out.patch_grid(norm=False).reshape(4, 16, -1), expected)
