@@ -19,6 +19,7 @@ own number of tokens (at most half of its patch tokens merge per block, as ToMe'
 
 Order after a merge: [prefix, unmerged A, B] per image, as ToMe with a class token (the unmerged
 A tokens in position order, also without prefix tokens, where ToMe keeps its similarity order).
+An image that merges nothing in a block keeps its order (as alone, where that block does not merge).
 thr0 above 1 merges nothing and is exactly the baseline (cosine similarity is at most 1).
 Shapes depend on the pixels: neither mode exports to a static graph.
 """
