@@ -14,10 +14,12 @@ from test_avit import images, random_halting
 
 from vitbudget import ConfigError
 from vitbudget.methods import METHODS, ToMe, build_method
+from vitbudget.methods import mctf, pitome, thresh, tofu
 from vitbudget.methods.abs import apply_extra_block
 from vitbudget.methods.avit import AViTOptions, HaltingReplay, draw_halting_depths
 from vitbudget.methods.tome import bipartite_merge
 from vitbudget.models import ViTConfig
+from vitbudget.runtime.state import TokenState
 
 CFG = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)  # 4x4 patches + CLS
 X = images(4, seed=5)
@@ -30,6 +32,8 @@ NO_OP = {
     "tome+abs": {"r": 0, "alpha": 0.0}, "evit+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0},
     "dynamicvit+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0}, "spot+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0},
     "spot_heuristic+abs": {"rho": 1.0, "stages": "1,2", "alpha": 0.0}, "avit+abs": {"halting": False, "alpha": 0.0},
+    "mctf": {"r": 0}, "zerotprune": {"rho": 1.0, "stages": "1,2"}, "pitome": {"ratio": 1.0}, "tofu": {"r": 0},
+    "thresh": {"thr0": 1.5},
 }
 NO_NO_OP = {"depth", "multicrop"}
 REDUCING = [
@@ -39,11 +43,13 @@ REDUCING = [
     ("tome+abs", {"r": 3, "alpha": 0.3}), ("evit+abs", {"rho": 0.5, "stages": "1,2", "alpha": 0.3}),
     ("dynamicvit+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}), ("spot+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}),
     ("spot_heuristic+abs", {"rho": 0.6, "stages": "1,2", "alpha": 0.3}),
+    ("mctf", {"r": 3}), ("mctf", {"r": 3, "one_step_ahead": 0}), ("zerotprune", {"rho": 0.5, "stages": "1,2"}),
+    ("pitome", {"ratio": 0.8}), ("tofu", {"r": 2}), ("thresh", {"thr0": 0.7}),
 ]
-PRUNING = [  # (method, options, whether it drops inside a block after attention (EViT) or before a block)
-    ("evit", {"rho": 0.5, "stages": "1,2"}, True), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True}, True),
-    ("dynamicvit", {"rho": 0.6, "stages": "1,3"}, False), ("spot", {"rho": 0.6, "stages": "1,2"}, False),
-    ("spot_heuristic", {"rho": 0.6, "stages": "2,3"}, False),
+PRUNING = [  # (method, options, where it drops: inside a stage block after attention (EViT), before it, or after it)
+    ("evit", {"rho": 0.5, "stages": "1,2"}, "inside"), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True}, "inside"),
+    ("dynamicvit", {"rho": 0.6, "stages": "1,3"}, "before"), ("spot", {"rho": 0.6, "stages": "1,2"}, "before"),
+    ("spot_heuristic", {"rho": 0.6, "stages": "2,3"}, "before"), ("zerotprune", {"rho": 0.5, "stages": "1,2"}, "after"),
 ]
 
 
@@ -178,8 +184,8 @@ def per_patch(state) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("name, opts, inside", PRUNING, ids=lambda v: v if isinstance(v, str) else "")
-def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, inside):
+@pytest.mark.parametrize("name, opts, where", PRUNING, ids=lambda v: v if isinstance(v, str) else "")
+def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, where):
     method = build_method(name, model, **opts).eval()
     seen = {}
     after_attention, after_block = method.after_attention, method.after_block
@@ -199,7 +205,7 @@ def test_pruned_patch_holds_its_features_at_the_drop_block(model, name, opts, in
     assert (drop <= len(stages)).any()
     expected = per_patch(out.state)
     for k, block in enumerate(stages, start=1):
-        at = seen["mid", block] if inside else seen["out", block - 1]
+        at = seen["mid", block] if where == "inside" else seen["out", block - 1 if where == "before" else block]
         expected[drop == k] = at[drop == k]
     assert torch.isfinite(expected).all()
     assert torch.equal(out.patch_grid(norm=False).reshape(4, 16, -1), expected)
@@ -266,3 +272,72 @@ def test_compiled_runs_give_the_same_grid(model, name, opts):
     with torch.no_grad():
         eager, out = method(X), compiled(X)
     torch.testing.assert_close(out.patch_grid(), eager.patch_grid(), rtol=1e-5, atol=1e-5)
+
+
+def _shadow_step(fn):
+    """A merging step f(state, ...) -> new state (or (new state, macs)) re-run on one-hot source rows."""
+    def step(state, source, *args, **kwargs):
+        out = fn(state.replace(x=source), *args, **kwargs)
+        return (out if isinstance(out, TokenState) else out[0]).x
+    return step
+
+
+def _mctf_shadow(state, source, attn, r, options, ahead):
+    """MCTF's slot map from its own matching (the block input is the metric, so the rows cannot stand in for x)."""
+    dest, _ = mctf.match(state.x, attn.mean(dim=(1, 2)), state.size, r, state.num_prefix, options)
+    return mctf._pool_tokens(source, dest, state.width - r, 1)
+
+
+# (method, options, module, the merging step the method calls, how to carry source rows through it)
+MERGING = [
+    ("mctf", {"r": 3}, mctf, "merge", _mctf_shadow),
+    ("mctf", {"r": 3, "one_step_ahead": 0, "pooling_type": 2}, mctf, "merge", _mctf_shadow),
+    ("pitome", {"ratio": 0.8}, pitome, "energy_merge", _shadow_step(pitome.energy_merge)),
+    ("pitome", {"ratio": 0.8, "bsm_half": "none"}, pitome, "energy_merge", _shadow_step(pitome.energy_merge)),
+    ("tofu", {"r": 2}, tofu, "tofu_step", _shadow_step(tofu.tofu_step)),
+    ("thresh", {"thr0": 0.7}, thresh, "merge_per_image", _shadow_step(thresh.merge_per_image)),
+    ("thresh", {"thr0": 0.7, "budget": "batch"}, thresh, "bipartite_merge", _shadow_step(bipartite_merge)),
+]
+
+
+@pytest.mark.parametrize("name, opts, module, fn, shadow", MERGING, ids=lambda v: v if isinstance(v, str) else "")
+def test_merged_patch_gets_the_token_it_joined(model, monkeypatch, name, opts, module, fn, shadow):
+    """One-hot source rows (tokens x original tokens) carried through every merging step by the method's own
+    matching: a patch whose row ends in a final token has that token's features; one whose rows vanished
+    (ToFu's pruning) has its token's features at the step it was dropped."""
+    real = getattr(module, fn)
+    track = {"source": torch.eye(17).expand(4, -1, -1), "left": torch.full((4, 16, CFG.embed_dim), float("nan")), "merges": 0}
+
+    def spy(state, *args, **kwargs):
+        out = real(state, *args, **kwargs)
+        new = out if isinstance(out, TokenState) else out[0]
+        source = shadow(state, track["source"], *args, **kwargs)
+        was, now = covered(state, track["source"]), covered(new, source)
+        assert not (now & ~was).any()
+        owner = track["source"][:, :, 1:].argmax(dim=1)  # (B, 16) token that covered each patch before the step
+        for b, p in (was & ~now).nonzero().tolist():
+            track["left"][b, p] = state.x[b, owner[b, p]]
+        track["source"], track["merges"] = source, track["merges"] + int((new.width < state.width) or new.key_mask is not None)
+        return out
+
+    monkeypatch.setattr(module, fn, spy)
+    out = run(build_method(name, model, **opts))
+    assert track["merges"] >= 2
+    final = covered(out.state, track["source"])
+    assert torch.equal(torch.isnan(track["left"][..., 0]), final)  # every patch ends in a token or left at one step
+    owner = track["source"][:, :, 1:].masked_fill(~real_rows(out.state)[..., None], 0).argmax(dim=1)
+    expected = torch.where(final[..., None], torch.stack([out.state.x[b, owner[b]] for b in range(4)]), track["left"])
+    if name == "tofu":
+        assert (~final).any() and (track["source"][:, 1:, 1:] > 0).sum(dim=2).amax() > 1  # pruned and fused patches
+    assert torch.equal(out.patch_grid(norm=False).reshape(4, 16, -1), expected)
+
+
+def real_rows(state) -> torch.Tensor:
+    return torch.ones(state.x.shape[:2], dtype=torch.bool) if state.key_mask is None else state.key_mask
+
+
+def covered(state, source) -> torch.Tensor:
+    """(B, 16) patches some real token of `state` covers, by its source rows (padding rows are stale copies)."""
+    rows = (source[:, :, 1:] > 0) & real_rows(state)[..., None]
+    assert rows.sum(dim=1).amax() <= 1  # each patch in at most one token
+    return rows.any(dim=1)

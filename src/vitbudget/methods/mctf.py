@@ -204,7 +204,9 @@ def merge(state: TokenState, attn: Tensor, r: int, options: MCTFOptions, ahead: 
         if ahead:
             keys = _pool_tokens(attn, dest, n, 3)
             merged_attn = _pool_tokens(keys * w[:, None, :, None], dest, n, 2) / norm[:, None, :, None]
-    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={}, next_attention=merged_attn)
+    every = torch.arange(T, device=x.device).expand(B, -1)  # each token joins the one whose identity its slot keeps
+    new = state.replace(x=new_x, size=new_size, patch_ids=state.patch_ids.gather(1, keep), extras={}, next_attention=merged_attn,
+                        history=state.merged(every, keep.gather(1, dest)))
     ta, tb = (T + 1) // 2, T // 2
     macs = ta * tb * D + (attn.shape[1] * T * n if ahead else 0)
     return new, float(macs)

@@ -114,7 +114,7 @@ def energy_merge(state: TokenState, metric: Tensor, r: int, margin: float, alpha
     new_x = weighted.gather(1, keep[..., None].expand(-1, -1, D)) / new_size[..., None]
     if p:
         new_x[:, :p] = x[:, :p]
-    new = with_sizes(state, new_size, prop_attn, x=new_x, patch_ids=state.patch_ids.gather(1, keep))
+    new = with_sizes(state, new_size, prop_attn, x=new_x, patch_ids=state.patch_ids.gather(1, keep), history=state.merged(src, dst))
     return new, float(T * T * m.shape[-1])
 
 

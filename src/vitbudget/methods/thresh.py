@@ -19,6 +19,7 @@ own number of tokens (at most half of its patch tokens merge per block, as ToMe'
 
 Order after a merge: [prefix, unmerged A, B] per image, as ToMe with a class token (the unmerged
 A tokens in position order, also without prefix tokens, where ToMe keeps its similarity order).
+An image that merges nothing in a block keeps its order (as alone, where that block does not merge).
 thr0 above 1 merges nothing and is exactly the baseline (cosine similarity is at most 1).
 Shapes depend on the pixels: neither mode exports to a static graph.
 """
@@ -93,12 +94,16 @@ def merge_per_image(state: TokenState, mt: Matching) -> TokenState:
         gone = pos[None] >= n[:, None]
         gone[:, ::2] |= merged
         group = torch.where(pos < p, 0, torch.where(pos % 2 == 0, 1, 2))  # prefix, A, B
+        # an image that merges nothing keeps its order, as it does alone (where this step does not run)
+        group = torch.where(mt.count[:, None] > 0, group, 0)
         key = torch.where(gone, 3 * W + pos, group * W + pos)
         kept = n - mt.count
         width = int(kept.max())
         keep = key.argsort(dim=1)[:, :width]
         mask = torch.arange(width, device=x.device)[None] < kept[:, None]
         dst = mt.node_idx * 2 + 1
+        a_pos = pos[::2].expand(B, -1)
+        joined = torch.where(merged, dst, a_pos)  # for the patch grid: unmerged A tokens stay themselves
     size = state.size if state.size is not None else torch.ones(B, W, dtype=x.dtype, device=x.device)
     w = merged.to(x.dtype)
     weighted = x * size[..., None]
@@ -109,7 +114,7 @@ def merge_per_image(state: TokenState, mt: Matching) -> TokenState:
     if p:  # prefix tokens are never merged: exactly themselves
         new_x[:, :p] = x[:, :p]
     return state.replace(x=new_x, size=new_size.masked_fill(~mask, 1.0), patch_ids=state.patch_ids.gather(1, keep),
-                         key_mask=None if bool(mask.all()) else mask, extras={})
+                         key_mask=None if bool(mask.all()) else mask, extras={}, history=state.merged(a_pos, joined))
 
 
 class Thresh(Method):

@@ -75,7 +75,7 @@ def tofu_step(state: TokenState, metric: Tensor, r: int, fuse: bool, mlerp: str)
     new_x = fused.gather(1, keep[..., None].expand(-1, -1, d))
     if p:  # prefix tokens are never fused: exactly themselves
         new_x[:, :p] = x[:, :p]
-    return with_sizes(state, size, False, x=new_x, patch_ids=state.patch_ids.gather(1, keep)), macs
+    return with_sizes(state, size, False, x=new_x, patch_ids=state.patch_ids.gather(1, keep), history=state.merged(src, dst)), macs
 
 
 class ToFu(Method):

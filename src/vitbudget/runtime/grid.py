@@ -5,7 +5,7 @@ classification"):
 
 * a patch whose token reached the end: that token's final features (after ABS refinement when
   a method refines them: `FINAL_TOKENS`);
-* a patch whose token was merged (ToMe): the features of the token it was merged into, by
+* a patch whose token was merged (ToMe, PiToMe, ToFu's fusion, MCTF, threshold merging): the features of the token it was merged into, by
   following `Merge` steps from merged-away tokens to the token they joined;
 * a patch whose token left before the end (pruned, halted, its image finished): its features in
   the last `Snapshot` that held it, i.e. at the block where it left (pre-norm).
@@ -54,8 +54,8 @@ def patch_grid(out: RunOutput, model: nn.Module, norm: bool = True) -> Tensor:
     for entry in state.history + (state.snapshot(),):
         if isinstance(entry, Merge):
             parent = torch.arange(B * slots, device=canvas.device) if parent is None else parent
-            src = _flat_rows(entry.patch_ids.gather(1, entry.src), None, entry.batch_index, slots)
-            dst = _flat_rows(entry.patch_ids.gather(1, entry.dst), None, entry.batch_index, slots)
+            src, dst = (_flat_rows(entry.patch_ids.gather(1, pos), None if entry.key_mask is None else entry.key_mask.gather(1, pos),
+                                   entry.batch_index, slots) for pos in (entry.src, entry.dst))
             parent = parent.index_copy(0, src.reshape(-1), dst.reshape(-1))
             merges += 1
             continue

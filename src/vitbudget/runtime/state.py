@@ -95,8 +95,14 @@ class TokenState:
         return Snapshot(self.x, self.patch_ids, self.key_mask, self.policy, self.batch_index)
 
     def merged(self, src: Tensor, dst: Tensor) -> tuple:
-        """`history` after tokens at positions `src` (B, r) merged into those at `dst` (B, r) of this state."""
-        return self.history + (Merge(self.patch_ids, src, dst, self.batch_index),)
+        """`history` after tokens at positions `src` (B, r) merged into those at `dst` (B, r) of this state.
+
+        dst is where each src token's patches end up after this step (a token that absorbed others
+        is never a src elsewhere in the same step, so chains of one step are resolved first, as
+        MCTF's bidirectional merge). A src pointing to itself stays: images merging different
+        counts pad their rows that way, and a step may list every position (MCTF's slot map).
+        Padding (key_mask False) is ignored."""
+        return self.history + (Merge(self.patch_ids, src, dst, self.batch_index, self.key_mask),)
 
     def mask(self, policy: Tensor) -> "TokenState":
         """The state under a new keep `policy` (training-mode pruning); tokens it drops keep, for the
@@ -168,12 +174,14 @@ class Snapshot(NamedTuple):
 
 class Merge(NamedTuple):
     """One merging step: tokens at positions `src` (B, r) of a state with `patch_ids` (B, N) joined
-    those at `dst`; in the patch grid, their patches take the features of the token they joined."""
+    those at `dst`; in the patch grid, their patches take the features of the token they joined.
+    Positions where `key_mask` is False are padding, not tokens."""
 
     patch_ids: Tensor
     src: Tensor
     dst: Tensor
     batch_index: Tensor | None
+    key_mask: Tensor | None = None
 
 
 @dataclass
