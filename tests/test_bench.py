@@ -116,8 +116,44 @@ def test_every_named_and_committed_suite_is_valid(suite):
         assert method.name == entry.method
         if entry.model is not None:
             assert entry.model.startswith("runs/") and entry.model.endswith("/model.safetensors"), entry.model
-    if suite in SUITES:
-        assert load_suite(suite) is SUITES[suite]
+
+
+def test_suite_numbers_equal_an_independent_evaluation(tmp_path, capsys, checkpoints, image_folder):
+    """Each row's per-seed top-1 and NLL equal those of the same method run by hand on the same
+    images (one batch, metrics computed here): the suite passes each entry its options, its seed
+    and its own checkpoint, and scores the images `--limit` names."""
+    from vitbudget.data import EvalTransform, ImageFolder, subset_indices
+    from vitbudget.methods import load_method
+
+    plain, dyn = checkpoints
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"entries": [
+        {"label": "Baseline", "method": "baseline"},
+        {"label": "EViT", "method": "evit", "options": {"rho": 0.5, "stages": "1"}},
+        {"label": "ABS", "method": "abs", "options": {"alpha": 0.5}, "seeded": True},
+        {"label": "DynamicViT", "method": "dynamicvit", "model": str(dyn)},
+    ]}))
+    code, captured = bench(capsys, tmp_path, plain, image_folder, "--suite", str(suite), "--seeds", "2", "--limit", "12", "--no-speed")
+    assert code == 0, captured.err
+    rows = json.loads((tmp_path / "out" / "bench.json").read_text())["splits"]["test"]["rows"]
+    base = make_model()
+    data = ImageFolder(image_folder, "test", EvalTransform(32, base.info.preprocess), label_names=[f"class{c:02d}" for c in range(10)])
+    pairs = [data[i] for i in subset_indices(len(data), 12)]
+    images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+    by_hand = {
+        ("Baseline", None): build_method("baseline", base), ("EViT", None): build_method("evit", base, rho=0.5, stages="1"),
+        ("ABS", 0): build_method("abs", base, alpha=0.5, seed=0), ("ABS", 1): build_method("abs", base, alpha=0.5, seed=1),
+        ("DynamicViT", None): load_method(dyn, "dynamicvit"),
+    }
+    seen = {}
+    for (label, seed), method in by_hand.items():
+        with torch.no_grad():
+            logits = method.eval()(images).logits.double()
+        [row] = [r for r in rows[label]["per_seed"] if r["seed"] == seed]
+        seen[label, seed] = row["top1"]
+        assert row["top1"] == pytest.approx(100 * float((logits.argmax(1) == labels).double().mean()), abs=1e-9), (label, seed)
+        assert row["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5), (label, seed)
+    assert len({rows[label]["per_seed"][0]["nll"] for label in ("Baseline", "EViT", "ABS", "DynamicViT")}) == 4  # four different models
 
 
 def test_committed_suite_with_missing_checkpoints_fails_up_front():

@@ -216,3 +216,21 @@ def test_shortest_side_resize_truncates_the_long_side_as_torchvision(monkeypatch
     assert sizes == expected
     rounded = sum(round(18 * max(s) / min(s)) != 18 * max(s) // min(s) for s in shapes)
     assert rounded > len(shapes) // 4  # the check covers ratios where rounding would differ
+
+
+def test_channel_statistics_sample_every_class_not_the_first_images(tmp_path):
+    """Samples are listed class by class; the mean/std sample must be spread over them. Three classes
+    of pure red, green and blue: each channel's mean is the sampled share of one class."""
+    from PIL import Image
+
+    from vitbudget.data.stats import channel_mean_std
+
+    for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(30):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "train" / f"c{c}" / f"{i:02d}.png")
+    data = ImageFolder(tmp_path, "train")
+    mean, std = channel_mean_std(data, 8, limit=30)  # a third of the images
+    assert min(mean) > 0.2 and mean == pytest.approx((1 / 3, 1 / 3, 1 / 3), abs=0.1)  # the first 30: (1, 0, 0)
+    assert std == pytest.approx(tuple(np.sqrt(m * (1 - m)) for m in mean), abs=1e-3)  # 0/1 pixels
+    assert channel_mean_std(data, 8, limit=None)[0] == pytest.approx((1 / 3, 1 / 3, 1 / 3), abs=1e-4)

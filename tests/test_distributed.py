@@ -196,3 +196,80 @@ def test_losses_over_the_global_batch_have_the_single_process_gradient(tmp_path)
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)
     torch.testing.assert_close(got["loss"], loss.detach())
     torch.testing.assert_close(got["grad"], single.weight.grad)
+
+
+DISTIL = dict(method="dynamicvit", method_options={"rho": 0.5, "stages": "1"}, epochs=1, batch_size=8)
+
+
+def _distil_trainer(data: str, out: Path) -> Trainer:
+    """The smoke ViT trained as DynamicViT with token distillation from a fixed other ViT."""
+    from vitbudget.models import ViTConfig, VisionTransformer
+
+    recipe = get_recipe("smoke").replace(**DISTIL)
+    torch.manual_seed(1)
+    teacher = VisionTransformer(ViTConfig.from_dict(recipe.arch))
+    return Trainer(recipe, data, out, teacher=teacher, workers=0, progress=False)
+
+
+def _distil_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed global batch of 8 and the patches each image keeps at stage 1 (-1 pads: 2 to 16 kept,
+    so the ranks' halves hold different numbers of kept tokens)."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10
+    keep = torch.full((8, 16), -1)
+    for i, n in enumerate([2, 3, 16, 5, 9, 12, 14, 7]):
+        keep[i, :n] = torch.randperm(16, generator=g)[:n]
+    return images, targets, keep
+
+
+def _distil_step(trainer: Trainer, rows: slice) -> dict:
+    """One training loss and backward on `rows` of the global batch (fixed kept patches instead of
+    Gumbel samples): the logged loss parts and the gradients the optimiser would use."""
+    images, targets, keep = _distil_batch()
+    trainer.method.fixed_keep = [keep[rows]]
+    with one_thread():
+        total, parts = trainer.loss(images[rows], targets[rows])
+        total.backward()
+    trainer.method.fixed_keep = None
+    return {"parts": parts, "grads": {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}}
+
+
+def _distil_worker(rank: int, world: int, port: int, data: str, tmp: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = Path(tmp) / f"rank{rank}"  # each rank its own --out: rank 1's must stay empty
+    step = _distil_step(_distil_trainer(data, out), slice(4 * rank, 4 * rank + 4))
+    _distil_trainer(data, out).fit()  # a new DDP: the fixed masks leave the predictor unused, Gumbel sampling does not
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    if rank == 0:
+        torch.save(step, Path(tmp) / "rank0.pt")
+    dist.barrier()
+    if rank == 1:
+        assert written == [], f"rank 1 wrote {written}"
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_token_distillation_and_writes(tmp_path, image_folder):
+    """DynamicViT's token distillation is a mean over the kept tokens of the whole global batch: under
+    2 gloo ranks the logged loss parts and the DDP-averaged gradients equal one process's on the
+    same batch (a loss scaled by the world size would double both). Only rank 0 writes: rank 1,
+    given its own output directory, leaves it empty through checkpoints and the final model."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distil_worker, args=(2, port, str(image_folder), str(tmp_path)), nprocs=2)
+    two = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    one = _distil_step(_distil_trainer(str(image_folder), tmp_path / "one"), slice(0, 8))
+    assert one["parts"]["token_distill"] > 0 and one["parts"].keys() == two["parts"].keys()
+    assert two["parts"] == pytest.approx(one["parts"], rel=1e-5)
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert (tmp_path / "rank0" / "model.safetensors").is_file()

@@ -100,3 +100,30 @@ def test_unwritable_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests run as root, where chmod cannot deny access
     with pytest.raises(OutputError, match="not writable: permission denied"):
         OutputDir(tmp_path / "out")
+
+
+def test_failure_while_publishing_restores_the_previous_run(tmp_path, monkeypatch):
+    """The 2nd rename fails after the 1st replaced an old file: the directory is exactly as before
+    (old contents and mtimes back, no file of the new run), and an OutputError names --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.txt", "b.txt", "keep.txt"):
+        (out / name).write_text(f"previous {name}")
+        os.utime(out / name, (1_000_000, 1_000_000))
+    before = {p.name: (p.read_text(), p.stat().st_mtime) for p in out.iterdir()}
+    real_replace, published = os.replace, []
+
+    def replace(src, dst):
+        if Path(src).parent.name.startswith(".staging-") and Path(dst).parent == out:
+            if published:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            published.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputError, match="nothing was published"):
+        with OutputDir(out, ["a.txt", "new.txt", "b.txt"]).publish() as stage:
+            for name in ("a.txt", "new.txt", "b.txt"):
+                write_text(stage / name, f"new {name}")
+    assert published == ["a.txt"]  # the failure came after a file of the new run was in place
+    assert {p.name: (p.read_text(), p.stat().st_mtime) for p in out.iterdir()} == before

@@ -100,3 +100,19 @@ def test_tome_score_fp32_matches_float32_merges_under_bf16():
             scored = run(model, x, build_method("tome", model, r=8, score_fp32=True)).state.patch_ids
     assert not torch.equal(default, fp32)  # the reference's bf16 matching differs (2 of 8 images)
     assert torch.equal(scored, fp32)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["softmax", "policy-softmax"])
+def test_attention_probabilities_stay_float32_under_bf16_autocast(policy):
+    """The explicit-probabilities path (EViT, SPOT, ABS attnvar read info.probs; DynamicViT's masked
+    softmax) normalises in float32: bf16 probabilities would sum to 1 only within ~1e-2."""
+    from vitbudget.runtime.attention import multihead_attention
+
+    model = make_model()
+    torch.manual_seed(0)
+    x = 3 * torch.randn(2, model.cfg.num_patches + 1, model.cfg.embed_dim)
+    keep = (torch.rand(2, x.shape[1]) > 0.3).float() if policy else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, info = multihead_attention(model.blocks[0].attn, x, need_probs=True, policy=keep)
+    assert out.dtype == torch.bfloat16 and info.probs.dtype == torch.float32
+    torch.testing.assert_close(info.probs.sum(-1), torch.ones(info.probs.shape[:-1]), rtol=0, atol=2e-6)

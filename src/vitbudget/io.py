@@ -81,7 +81,8 @@ class OutputDir:
             write_json(stage / "results.json", report)              # write every file here
         # on leaving the block all files are moved into `out` (renames on one filesystem), in the
         # order `files` lists them; on any exception none is, and `out` is left as it was
-        # (a directory the command created is removed again).
+        # (a failed move puts back the files already replaced; a directory the command created
+        # is removed again).
 
     Checked up front: `out` (or its nearest existing parent) is a writable directory, and no
     listed file name is taken by a directory. Nothing is created until `publish`, so an
@@ -107,8 +108,7 @@ class OutputDir:
             names = [n for n in self.files if (stage / n).exists()]
             names += sorted(n for n in os.listdir(stage) if n not in names)
             check_output_dir(self.path, names)  # a file name may have been taken while we worked
-            for name in names:
-                os.replace(stage / name, self.path / name)
+            _replace_all(stage, self.path, names)
         except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
             _remove_empty(created)
@@ -117,6 +117,27 @@ class OutputDir:
                 raise OutputError(f"cannot write to {str(self.path)!r}: {cause.strerror or cause}; nothing was published") from exc
             raise
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace_all(stage: Path, path: Path, names: list[str]) -> None:
+    """Move `names` from `stage` into `path`, all or none: the files they replace are set aside
+    first and put back if any move fails (a full disk, an I/O error on the 2nd of 3 files)."""
+    previous = Path(tempfile.mkdtemp(dir=stage, prefix=".previous-"))
+    moved: list[tuple[str, bool]] = []  # (name, whether an older file was set aside)
+    try:
+        for name in names:
+            had = (path / name).exists()
+            if had:
+                os.replace(path / name, previous / name)
+            moved.append((name, had))
+            os.replace(stage / name, path / name)
+    except BaseException:
+        for name, had in reversed(moved):
+            if had:
+                os.replace(previous / name, path / name)
+            else:
+                (path / name).unlink(missing_ok=True)
+        raise
 
 
 def check_output_dir(path: str | os.PathLike, files: Iterable[str] = ()) -> Path:
