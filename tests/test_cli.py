@@ -236,7 +236,7 @@ def test_reference_model_on_cifar10_subset(tmp_path, capsys):
     resizing, normalisation, label order, subset choice or the forward pass shows (60.03 % on the full set)."""
     code, _, err = run_cli(capsys, "eval", "--model", str(REFERENCE_MODEL), "--data", str(CIFAR_ARCHIVE), "--limit", "500",
                            "--no-speed", "--quiet", "--out", str(tmp_path / "o"))
-    assert code == 0 and err == ""
+    assert code == 0 and err == "vitbudget: note: a fixed subset of 500 of the 10000 test images (--limit; the same images every run)\n"
     report = json.loads((tmp_path / "o/results.json").read_text())
     base = report["methods"]["baseline"]
     assert base["top1"] == pytest.approx(61.8, abs=1e-9)  # 309 of the 500 images, measured 2026-11-23

@@ -107,3 +107,17 @@ def test_speed_command_rejects_bad_flags(tmp_path, capsys):
 
 def test_halting_profile_description_is_stated():
     assert "N(8, 2)" in HaltingProfile().describe() and "CLS runs every block" in HaltingProfile().describe()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 123456789 bytes.")])
+def test_out_of_memory_is_one_line_and_nothing_written(tmp_path, capsys, monkeypatch, error):
+    """A batch size too big for the machine is the user's setting: one line naming the flag, not an allocator dump."""
+    def oom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("vitbudget.eval.realistic.measure", oom)
+    code = main(["speed", "--arch", "deit_tiny_patch16_224", "--batch-sizes", "1,100000", "--methods", "baseline", "--quiet",
+                 "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("vitbudget: error: out of memory on cpu")
+    assert err[0].endswith("lower --batch-sizes (now 1,100000)") and not (tmp_path / "s").exists()

@@ -11,6 +11,7 @@ from ..defaults import DEFAULT_MODEL
 from ..errors import CheckpointError, ConfigError
 from ..io import OutputDir, write_json, write_text
 from ..methods import METHODS
+from ..devices import out_of_memory
 from .options import (add_common_flags, add_checkpoint_flags, add_method_option_flags, bounded, check_unused_options, device_arg, method_options,
                       positive_float, positive_int, resolve_default)
 
@@ -97,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
                             halting=halting, trained={k: v.to(device) for k, v in trained.items()})
     say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     cfg = model.cfg
-    rows = measure(entries, args.batch_sizes, (cfg.in_chans, cfg.img_size, cfg.img_size), device=device, dtype=dtype,
-                   repeats=args.repeats, warmup=args.warmup, halting=halting, progress=say)
+    with out_of_memory(device, f"lower --batch-sizes (now {','.join(map(str, args.batch_sizes))})"):
+        rows = measure(entries, args.batch_sizes, (cfg.in_chans, cfg.img_size, cfg.img_size), device=device, dtype=dtype,
+                       repeats=args.repeats, warmup=args.warmup, halting=halting, progress=say)
     machine = machine_info(device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
     report = {
