@@ -156,6 +156,10 @@ def drop_path_keeps(block: nn.Module) -> Iterator[dict[str, Tensor]]:
     inside this context, by module name ('drop_path1', 'drop_path2'). A kept image's branch is
     non-zero, a dropped one's exactly zero."""
     keeps: dict[str, Tensor] = {}
+    names = [name for name in ("drop_path1", "drop_path2") if getattr(block, name).training and drop_path_rate(getattr(block, name))]
+    if not names:  # no stochastic depth here (eval, rate 0): no hooks, so compiled graphs stay whole
+        yield keeps
+        return
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -163,7 +167,7 @@ def drop_path_keeps(block: nn.Module) -> Iterator[dict[str, Tensor]]:
                 keeps[name] = output.detach().flatten(1).ne(0).any(dim=1)
         return hook
 
-    handles = [getattr(block, name).register_forward_hook(record(name)) for name in ("drop_path1", "drop_path2")]
+    handles = [getattr(block, name).register_forward_hook(record(name)) for name in names]
     try:
         yield keeps
     finally:
