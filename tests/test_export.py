@@ -106,7 +106,7 @@ def test_metadata_travels_in_both_formats(tmp_path):
         meta = read_metadata(result.path)
         assert meta["classes"] == model.info.classes
         assert meta["preprocess"]["mean"] == [0.1, 0.2, 0.3] and meta["preprocess"]["img_size"] == 32
-        assert meta["method"] == {"name": "tome", "options": {"r": 2}}
+        assert meta["method"] == {"name": "tome", "options": {"r": 2, "score_fp32": False}}
         assert meta["model"]["name"] == "tiny" and meta["model"]["source"] == "ckpt.safetensors"
         assert meta["input"]["shape"] == ["batch", 3, 32, 32] and meta["vitbudget_version"]
         assert 0 < meta["rel_flops"] < 1
