@@ -29,7 +29,7 @@ REFUSED = {
     ("avit", "distillation-token"): "distillation token",
     **{(method, layout): "(CLS|class token)" for method in ("evit", "dynamicvit", "spot", "spot_heuristic") for layout in NO_CLS},
 }
-SMALL = {"evit": {"stages": "1"}, "spot": {"stages": "1,2"}, "dynamicvit": {"stages": "1,2"}, "spot_heuristic": {"stages": "1,2"}}
+SMALL = {"evit": {"stages": "1"}, "zerotprune": {"stages": "1,2"}, "spot": {"stages": "1,2"}, "dynamicvit": {"stages": "1,2"}, "spot_heuristic": {"stages": "1,2"}}
 NO_OP = {
     "abs": {"alpha": 0.0}, "resolution": {"scale": 1.0}, "avit": {"halting": False}, "tome": {"r": 0}, "evit": {"rho": 1.0},
     "dynamicvit": {"rho": 1.0}, "spot": {"rho": 1.0}, "spot_heuristic": {"rho": 1.0}, "baseline": {},
