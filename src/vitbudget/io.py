@@ -188,3 +188,14 @@ def _remove_empty(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             return
+
+
+def staging_dir_beside(dest: str | os.PathLike) -> Path:
+    """A new private folder next to `dest` (same file system, so a finished result moves into
+    place with a rename); OutputError in one line when it cannot be made."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from exc

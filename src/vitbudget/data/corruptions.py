@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError, OutputError
+from ..io import staging_dir_beside
 from .loader import subset_indices
 
 # The 15 standard (test) corruptions, in the package's order; their index seeds the RNG.
@@ -143,11 +143,7 @@ def atomic_tree(dest: str | os.PathLike, manifest_name: str, spec: dict[str, Any
     dest = Path(dest)
     if dest.exists() and not (dest / manifest_name).is_file() and (not dest.is_dir() or any(dest.iterdir())):
         raise OutputError(f"{str(dest)!r} exists and was not written by vitbudget; choose another output or delete it")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(dest)!r}: {exc.strerror or exc}") from exc
+    tmp = staging_dir_beside(dest)
     try:
         yield tmp
         files = sum(len(fs) for _, _, fs in os.walk(tmp))

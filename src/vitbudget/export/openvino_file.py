@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, OutputError
+from ..io import staging_dir_beside
 from .onnx_file import require, write_onnx
 from .trace import OUTPUT_NAME, tokens_by_block
 
@@ -35,11 +35,7 @@ def write_openvino(program: torch.export.ExportedProgram, path: str | os.PathLik
     """
     ov = require("openvino", "OpenVINO export")
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    except OSError as exc:
-        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+    work = staging_dir_beside(path)
     try:
         onnx_path, xml = work / "model.onnx", work / "model.xml"
         write_onnx(program, onnx_path, {})
