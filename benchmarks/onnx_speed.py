@@ -11,7 +11,8 @@ next to onnxruntime: the same speed-up and fraction of the ideal per batch size.
 
 Models: `deit_s` is a random-initialised DeiT-S at 224 px (197 tokens); the speed of a method
 with fixed token counts does not depend on the weights (learned predictors are random too), only
-on the shapes. `reference` is the shared 32-px CIFAR model (65 tokens: overhead-bound). A-ViT is
+on the shapes. `real` is the committed real reference (ViT-S/14 at 112 px, 65 tokens, trained
+weights); `reference` is the shared 32-px CIFAR model (65 tokens: overhead-bound). A-ViT is
 left out: its exportable dense form runs every token (no speed-up by construction).
 
     python benchmarks/onnx_speed.py --out runs/onnx_speed            # both models (~20 min, 2 idle cores)
@@ -42,9 +43,12 @@ from vitbudget.models import VisionTransformer, ViTConfig, load_model, named_con
 # r = 4 (about the same 0.6x FLOPs); 2 for the 16-patch toy
 METHODS = [("baseline", {}), ("evit", {"rho": 0.7}), ("tome", None), ("dynamicvit", {"rho": 0.7}), ("spot", {"rho": 0.7}),
            ("spot_heuristic", {"rho": 0.7}), ("abs", {"alpha": 0.2}), ("depth", {})]
-TOME_R = {"deit_s": 13, "reference": 4, "tiny": 2}
+TOME_R = {"deit_s": 13, "real": 4, "reference": 4, "tiny": 2}
 BACKENDS = ("ort", "ov", "eager")  # onnxruntime, OpenVINO, PyTorch eager
 TINY = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+
+
+REAL_MODEL = Path(__file__).resolve().parents[1] / "models" / "vits14_cifar10.safetensors"
 
 
 def build_model(name: str) -> VisionTransformer:
@@ -58,7 +62,9 @@ def build_model(name: str) -> VisionTransformer:
         if path is None or not Path(path).is_file():
             sys.exit("the reference model needs the shared folder (set VITBUDGET_SHARED)")
         return load_model(path).eval()
-    sys.exit(f"unknown model {name!r}; use deit_s, reference or tiny")
+    if name == "real":
+        return load_model(REAL_MODEL).eval()
+    sys.exit(f"unknown model {name!r}; use deit_s, real, reference or tiny")
 
 
 def time_methods(fns: dict[str, Any], inputs: list[torch.Tensor], batch: int, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -136,7 +142,7 @@ def table(rows: list[dict[str, Any]], eager: bool, openvino: bool = False) -> st
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="deit_s,reference", help="comma-separated: deit_s, reference, tiny (default deit_s,reference)")
+    parser.add_argument("--models", default="deit_s,reference", help="comma-separated: deit_s, real, reference, tiny (default deit_s,reference)")
     parser.add_argument("--methods", default=None, help="comma-separated method names to keep (default: all; the baseline is always kept)")
     parser.add_argument("--threads", type=int, default=None, help="threads for onnxruntime and torch (default: torch's, the physical cores)")
     parser.add_argument("--repeats-b1", type=int, default=50, help="batch-1 rounds (default 50)")

@@ -149,6 +149,7 @@ def test_method_checkpoint_keeps_a_tuned_block_not_the_seeded_head(tmp_path, mod
 
 
 @pytest.mark.parametrize("score", SCORES)
+@pytest.mark.slow
 def test_batched_equals_one_by_one(model, images, score):
     method = build_method("abs", model, alpha=0.3, score=score)
     batched = forward(method, images)
@@ -289,6 +290,7 @@ def test_cli_bad_options_one_clear_message(tmp_path, capsys, tiny_checkpoint, im
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_evaluates_all_methods(tmp_path, capsys, tiny_checkpoint, image_folder):
     code, captured = eval_cli(capsys, tmp_path, tiny_checkpoint, image_folder, "--method", "abs", "--alpha", "0.25", "--score", "attnvar",
                               "--method", "depth", "--method", "multicrop", "--method", "resolution", "--scale", "1.5")

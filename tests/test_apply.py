@@ -21,6 +21,7 @@ def timm_model():
 
 
 @pytest.mark.parametrize("method, options", [("tome", {"r": 2}), ("evit", {"rho": 0.7, "stages": (1,)}), ("abs", {"alpha": 0.5}), ("baseline", {})])
+@pytest.mark.slow
 def test_timm_model_equals_the_long_form(method, options):
     model = timm_model()
     x = torch.randn(3, 3, 32, 32)

@@ -77,6 +77,7 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_halting_off_reproduces_the_baseline_exactly():
     model = make_model(CFG)
     x = images(3)
@@ -99,6 +100,7 @@ def random_halting(seed: int = 1):
     return model, {"gamma": 3.0, "beta": 2.0}
 
 
+@pytest.mark.slow
 def test_removing_equals_dense_and_batched_equals_one_by_one():
     model, opts = random_halting()
     removing, dense = avit(model, **opts), avit(model, dense=True, **opts)
@@ -122,6 +124,7 @@ def test_removing_equals_dense_and_batched_equals_one_by_one():
     assert executed_macs_per_image(model.cfg, out.record) >= float(macs_per_image(model.cfg, out.record).mean()) - 1e-3
 
 
+@pytest.mark.slow
 def test_dense_training_path_masks_like_the_removing_path():
     """Train-mode semantics (dense, masked) under no_grad with dropout off equal the removing path."""
     model, opts = random_halting(seed=2)

@@ -152,6 +152,7 @@ def small_folder(root: Path, src: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "broken-link"])
+@pytest.mark.slow
 def test_non_regular_file_in_a_data_folder_is_refused(tmp_path, capsys, image_folder, kind):
     data = small_folder(tmp_path / "data" / "test", image_folder)
     odd = data / "class01" / "9.png"
@@ -202,6 +203,7 @@ def test_corrupt_garbled_archive_one_line(tmp_path, capsys):
 
 
 @requires_corruptions
+@pytest.mark.slow
 def test_corrupt_unreadable_image_one_line(tmp_path, capsys, image_folder):
     data = small_folder(tmp_path / "data" / "test", image_folder)
     (data / "class01" / "9.png").write_bytes(b"not an image")

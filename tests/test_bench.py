@@ -38,6 +38,7 @@ def bench(capsys, tmp_path, model, data, *extra):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_named_suite_runs_seeds_and_tests(tmp_path, capsys, checkpoints, image_folder):
     code, captured = bench(capsys, tmp_path, checkpoints[0], image_folder, "--suite", "abs", "--seeds", "2", "--no-speed", "--limit", "12")
     assert code == 0, captured.err
@@ -53,6 +54,7 @@ def test_named_suite_runs_seeds_and_tests(tmp_path, capsys, checkpoints, image_f
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_suite_file_entries_use_their_own_checkpoints(tmp_path, capsys, checkpoints, image_folder):
     plain, dyn = checkpoints
     suite = tmp_path / "suite.json"
@@ -118,6 +120,7 @@ def test_every_named_and_committed_suite_is_valid(suite):
             assert entry.model.startswith("runs/") and entry.model.endswith("/model.safetensors"), entry.model
 
 
+@pytest.mark.slow
 def test_suite_numbers_equal_an_independent_evaluation(tmp_path, capsys, checkpoints, image_folder):
     """Each row's per-seed top-1 and NLL equal those of the same method run by hand on the same
     images (one batch, metrics computed here): the suite passes each entry its options, its seed
@@ -171,6 +174,7 @@ def _scripted_predictions(correct: dict[str, list[int]]):
     return predict
 
 
+@pytest.mark.slow
 def test_run_suite_statistics_and_speed_wiring(tmp_path, checkpoints, image_folder, monkeypatch):
     """p-values, gains and speed ratios from scripted predictions and a fake clock, checked against hand computations."""
     from test_metrics import FakeClock
@@ -210,6 +214,7 @@ def test_run_suite_statistics_and_speed_wiring(tmp_path, checkpoints, image_fold
     assert abs_["throughput_b10"] == pytest.approx(10 / 0.2) and rows["Baseline"]["throughput_b10"] == pytest.approx(10 / 0.1)
 
 
+@pytest.mark.slow
 def test_bench_splits_are_checked_and_published_together(tmp_path, capsys, checkpoints, image_folder):
     suite = tmp_path / "suite.json"
     suite.write_text(json.dumps({"entries": [{"label": "Baseline", "method": "baseline"}, {"label": "Depth", "method": "depth"}]}))

@@ -33,6 +33,7 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_eval_writes_results(tmp_path, capsys, tiny_checkpoint, image_folder):
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "eval", "--model", str(tiny_checkpoint), "--data", str(image_folder), "--out", str(out), "--quiet", "--workers", "0")
@@ -188,6 +189,7 @@ def test_full_disk_publishes_nothing(tmp_path, capsys, tiny_checkpoint, image_fo
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_labels_follow_class_names_for_a_subset_and_sorted_folders_otherwise(tmp_path, capsys, tiny_checkpoint, image_folder):
     subset = tmp_path / "subset"
     for name in ("class03", "class07"):
@@ -211,6 +213,7 @@ def test_labels_follow_class_names_for_a_subset_and_sorted_folders_otherwise(tmp
 
 
 
+@pytest.mark.slow
 def test_train_cli_smoke_and_resume(tmp_path, capsys, image_folder):
     out = tmp_path / "run"
     argv = ["train", "--recipe", "smoke", "--data", str(image_folder), "--out", str(out), "--quiet", "--workers", "0", "--train-limit", "40", "--batch-size", "8", "--epochs", "1"]

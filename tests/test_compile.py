@@ -11,6 +11,8 @@ from vitbudget.methods import build_method
 from vitbudget.methods.compiled import CompiledMethod, compile_method, compile_support
 from vitbudget.models import ViTConfig
 
+pytestmark = pytest.mark.slow  # torch.compile: the whole module is outside the fast loop
+
 CFG = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 FIXED = [("baseline", {}), ("evit", {"rho": 0.7, "stages": "1,2"}), ("evit", {"rho": 0.7, "stages": "1", "fuse": True}),
          ("tome", {"r": 3}), ("spot_heuristic", {"rho": 0.7, "stages": "1,2"}), ("dynamicvit", {"rho": 0.7, "stages": "1,2"}),

@@ -82,6 +82,7 @@ def test_avit_stack_alpha_zero_and_no_halting():
     (*REDUCING[0], "entropy"), (*REDUCING[0], "random"), (*REDUCING[0], "attnvar"),
     (*REDUCING[1], "attnvar"), (*REDUCING[2], "gradsim"), (*REDUCING[3], "entropy"),
 ])
+@pytest.mark.slow
 def test_batched_equals_one_by_one(model, reducer, opts, score):
     method = stack(model, reducer, opts, alpha=0.3, score=score)
     out = forward(method)
@@ -93,6 +94,7 @@ def test_batched_equals_one_by_one(model, reducer, opts, score):
 
 
 @pytest.mark.parametrize("score", ["entropy", "gradsim", "random"])
+@pytest.mark.slow
 def test_avit_stack_refines_survivors_of_the_last_block(score):
     """Padded batches (key mask): batched = one by one = dense; k = round(alpha * tokens still running
     in the last block), none for images whose CLS halted earlier; FLOPs charge exactly that."""
@@ -220,6 +222,7 @@ def test_compose_from_python_equals_the_named_stack(model):
 
 
 # -- token maps ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_token_maps_show_both_layers(model):
     method = stack(model, "evit", {"rho": 0.7, "stages": "1"}, alpha=0.3)
     out = forward(method)
@@ -254,6 +257,7 @@ def test_training_mode_runs_the_reducer_and_eval_recopies_the_block(model):
     assert torch.equal(method.refiner.block.mlp.fc2.weight, m.blocks[-1].mlp.fc2.weight)
 
 
+@pytest.mark.slow
 def test_checkpoints_share_the_trained_reducer(tmp_path):
     m = make_model()
     m.info.classes = [f"class{c:02d}" for c in range(10)]
@@ -278,6 +282,7 @@ def test_checkpoints_share_the_trained_reducer(tmp_path):
     assert load_method(plain, "tome+abs", r=2).name == "tome+abs"  # training-free stacks load from any ViT
 
 
+@pytest.mark.slow
 def test_train_cli_trains_a_stack(tmp_path, capsys, image_folder):
     out = tmp_path / "run"
     argv = ["train", "--recipe", "smoke", "--data", str(image_folder), "--out", str(out), "--quiet", "--workers", "0",
@@ -334,6 +339,7 @@ def checkpoint(tmp_path):
     return save_model(m, tmp_path / "tiny.safetensors")
 
 
+@pytest.mark.slow
 def test_eval_and_viz_take_a_stack(tmp_path, capsys, checkpoint, image_folder):
     argv = ["eval", "--model", str(checkpoint), "--data", str(image_folder), "--out", str(tmp_path / "e"), "--quiet", "--workers", "0",
             "--no-speed", "--method", "tome", "--method", "tome+abs", "--r", "2", "--alpha", "0.25"]
@@ -354,6 +360,7 @@ def test_cli_rejects_a_bad_stack_in_one_line(capsys):
     assert exc.value.code == 2 and "invalid choice: 'abs+tome'" in err and "write the reducer first" in err
 
 
+@pytest.mark.slow
 def test_suite_entries_pair_a_stack_with_its_parts(tmp_path, capsys, checkpoint, image_folder):
     from vitbudget.data import EvalTransform, ImageFolder, subset_indices
     from vitbudget.eval import metrics

@@ -159,6 +159,7 @@ def test_missing_package_is_a_clear_error(src, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_cli_then_eval_a_corruption(tmp_path, capsys, fake_backend):
     from conftest import make_model
 

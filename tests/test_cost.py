@@ -92,6 +92,7 @@ def test_deit_tiny_is_the_familiar_1_26_gflops():
     assert dense_macs(NAMED_CONFIGS["deit_tiny_patch16_224"]) / 1e9 == pytest.approx(1.26, abs=0.01)
 
 
+@pytest.mark.slow
 def test_reference_config_is_0_3651_gflops_under_the_counter():
     """The shared reference's shape (random weights suffice): 0.3651 GFLOPs per image, analytic and counted."""
     cfg = NAMED_CONFIGS["vit_tiny_p4_cifar10"]

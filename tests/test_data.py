@@ -149,6 +149,7 @@ def test_decompression_bomb_is_a_data_error(tmp_path, side):
 
 
 @pytest.mark.parametrize("manifest", ["{ not json", "[1, 2]", ""])
+@pytest.mark.slow
 def test_corrupt_cache_manifest_is_repaired_by_unpacking_again(tmp_path, image_folder, manifest):
     archive = tmp_path / "toy.tar"
     with tarfile.open(archive, "w") as tar:

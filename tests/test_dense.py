@@ -56,6 +56,7 @@ def test_load_dense_model_reads_the_head_beside_the_backbone(saliency_dir):
         torch.testing.assert_close(got, want, msg=name)
 
 
+@pytest.mark.slow
 def test_eval_saliency_command(tmp_path, saliency_dir, photos, capsys):
     out = tmp_path / "out"
     code = main(["eval", "--task", "saliency", "--model", str(saliency_dir), "--data", str(photos), "--method", "tome", "--r", "0",

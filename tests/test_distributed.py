@@ -29,6 +29,8 @@ from vitbudget.distributed import Context, deal_batches, shard_steps
 from vitbudget.models.loading import read_state_dict
 from vitbudget.train import Trainer, get_recipe
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups: the whole module is outside the fast loop
+
 TRAIN_ATOL = 1e-5
 TRAIN = ["--recipe", "smoke", "--quiet", "--workers", "0", "--batch-size", "8", "--epochs", "1"]
 

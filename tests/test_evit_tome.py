@@ -27,6 +27,7 @@ def logits(method, x=X):
         return method.eval()(x)
 
 
+@pytest.mark.slow
 def test_evit_rho_one_and_tome_r_zero_are_exactly_the_baseline(model):
     base = run(model, X).logits
     for name, opts in [("evit", dict(rho=1.0, stages="1,2")), ("evit", dict(rho=1.0, stages="0", fuse=True)), ("tome", dict(r=0))]:
@@ -93,6 +94,7 @@ def test_evit_fused_token_is_the_attention_weighted_sum(model, normalize):
 
 
 @pytest.mark.parametrize("name,opts", [("evit", dict(rho=0.6, stages="1,2")), ("evit", dict(rho=0.6, stages="1,2", fuse=True)), ("tome", dict(r=4))])
+@pytest.mark.slow
 def test_batched_equals_one_by_one(model, name, opts):
     method = build_method(name, model, **opts)
     full = logits(method).logits

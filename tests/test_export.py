@@ -23,7 +23,7 @@ from vitbudget.export.trace import EXAMPLE_BATCH, trace
 from vitbudget.methods import build_method, save_method
 from vitbudget.models.vit import unchecked_values
 
-pytestmark = requires_export  # skips by hand without the `export` extra; fails in CI (VITBUDGET_REQUIRE_ANCHORS=1)
+pytestmark = [requires_export, pytest.mark.slow]  # every export traces a model (seconds); skips by hand without the `export` extra; fails in CI (VITBUDGET_REQUIRE_ANCHORS=1)
 try:
     import onnx
 except ImportError:

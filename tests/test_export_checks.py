@@ -16,7 +16,7 @@ from vitbudget.export import block_tokens, export_method, load_exported, read_me
 from vitbudget.methods import build_method, save_method
 from vitbudget.methods.compiled import CompiledMethod, compile_support
 
-pytestmark = requires_export
+pytestmark = [requires_export, pytest.mark.slow]  # every export traces a model (seconds)
 ATOL = 1e-4
 
 
@@ -201,3 +201,52 @@ def test_speed_script_times_openvino_next_to_onnxruntime(tmp_path):
     for key in ("ov_b1", "ov_b64", "ort_b1"):
         assert tome[key]["fraction_of_ideal"] == pytest.approx(tome[key]["speedup"] * tome["rel_flops"])
     assert "OpenVINO b1 fraction" in (tmp_path / "onnx_speed.md").read_text() and result["openvino"]
+
+
+# -- int8 stacked on token reduction ---------------------------------------------------------------
+def test_int8_onnx_keeps_the_tokens_removed_and_stays_close(tmp_path):
+    """--quantize int8: int8 matrix products in the graph, the same token counts and metadata, logits within quantization error."""
+    import onnx
+
+    method = build_method("tome", make_model(), r=2).eval()
+    fp32 = export_method(method, tmp_path / "fp32.onnx")
+    int8 = export_method(method, tmp_path / "int8.onnx", quantize="int8")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMulInteger" not in {n.op_type for n in onnx.load(str(tmp_path / "fp32.onnx")).graph.node}
+    assert block_tokens(tmp_path / "int8.onnx") == block_tokens(tmp_path / "fp32.onnx")
+    assert block_tokens(tmp_path / "int8.onnx")["attention"] == [17, 15, 13]
+    meta = read_metadata(tmp_path / "int8.onnx")
+    assert meta["quantization"]["weights"] == "int8 per tensor" and meta["method"] == fp32.metadata["method"]
+    assert meta["gflops"] == fp32.metadata["gflops"] and int8.metadata["quantization"] == meta["quantization"]
+    assert fp32.max_abs_diff < ATOL < int8.max_abs_diff < 0.2  # quantization error, not another computation
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = method(x).logits
+    assert (load_exported(tmp_path / "int8.onnx")(x) - reference).abs().max() < 0.2
+
+
+def test_int8_is_onnx_only_one_line(ckpt, tmp_path, capfd):
+    assert main(["export", "--model", ckpt, "--quantize", "int8", "--out", str(tmp_path / "m.pt2")]) == 1
+    assert "--quantize int8 applies to ONNX files only" in one_error_line(capfd)
+    assert not (tmp_path / "m.pt2").exists()
+    assert main(["export", "--model", ckpt, "--method", "tome", "--r", "2", "--quantize", "int8", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "int8 weights: quantization error included" in capfd.readouterr().out
+
+
+def test_int8_stack_script_multiplies_what_it_measured(tmp_path):
+    """benchmarks/int8_stack.py --tiny: every method in fp32 and int8, and the product of the parts from its own rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_stack.py"
+    spec = importlib.util.spec_from_file_location("int8_stack", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--tiny", "--out", str(tmp_path)]) == 0
+    rows = {(r["method"], r["precision"]): r for r in json.loads((tmp_path / "int8_stack.json").read_text())["rows"]}
+    assert set(rows) == {(m, p) for m in ("baseline", "tome", "evit") for p in ("fp32", "int8")}
+    for batch in ("b1", "b64"):
+        assert rows["baseline", "fp32"][batch]["speedup"] == 1.0
+        stack = rows["tome", "int8"][batch]
+        assert stack["product_of_parts"] == pytest.approx(rows["tome", "fp32"][batch]["speedup"] * rows["baseline", "int8"][batch]["speedup"])
+    assert "| tome r 1 | int8 |" in (tmp_path / "int8_stack.md").read_text()

@@ -40,6 +40,7 @@ def test_cosine_similarity_is_per_image():
     assert cosine_similarity(a, b).tolist() == pytest.approx([0.0, 1.0])
 
 
+@pytest.mark.slow
 def test_eval_reports_cosine_to_the_baseline(tmp_path, capsys, backbone, image_folder):
     out = tmp_path / "out"
     code = main(["eval", "--model", str(backbone), "--data", str(image_folder), "--method", "tome", "--r", "4", "--method", "abs",
@@ -73,6 +74,7 @@ def test_eval_on_an_unlabelled_flat_folder(tmp_path, capsys, backbone, flat_fold
     assert code == 1 and "no class folders" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_and_viz_on_a_backbone(tmp_path, capsys, backbone, image_folder):
     suite = tmp_path / "suite.json"
     suite.write_text(json.dumps({"entries": [{"label": "Baseline", "method": "baseline"}, {"label": "ToMe r 4", "method": "tome", "options": {"r": 4}},

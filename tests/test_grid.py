@@ -92,6 +92,7 @@ def test_no_op_settings_give_the_unmodified_grid(model, name):
 
 
 @pytest.mark.parametrize("name, opts", REDUCING, ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.slow
 def test_batched_equals_one_by_one(model, name, opts):
     method = build_method(name, model, **opts)
     out = run(method)
@@ -122,6 +123,7 @@ def test_avit_removing_equals_dense_and_batched_equals_one_by_one():
     assert (torch.cat([run(stack, x[i : i + 1]).patch_grid() for i in range(8)]) - refined.patch_grid()).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_avit_grid_holds_each_token_at_halting():
     """A replayed halting profile (some images finish early) against a per-image loop over blocks' own forward."""
     model = make_model(CFG)
@@ -262,6 +264,7 @@ def test_multicrop_has_no_single_grid(model):
 
 
 @pytest.mark.parametrize("name, opts", [("tome", {"r": 3}), ("evit", {"rho": 0.5, "stages": "1,2", "fuse": True})])
+@pytest.mark.slow
 def test_compiled_runs_give_the_same_grid(model, name, opts):
     """The run's grid bookkeeping (references in TokenState.history) survives torch.compile without a graph break."""
     from vitbudget.methods.compiled import CompiledMethod

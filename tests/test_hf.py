@@ -59,6 +59,7 @@ def hf_output(model, x: torch.Tensor, kind: str, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_equals_hugging_face_forward(case, tmp_path):
     architecture, make_config, kind = CASES[case]
     config = make_config()
@@ -192,6 +193,7 @@ def test_eval_command_reads_a_hugging_face_directory(tmp_path, capsys, image_fol
     assert report["model"]["config"]["img_size"] == 28 and report["methods"]["tome"]["cosine_to_baseline"] <= 1.0
 
 
+@pytest.mark.slow
 def test_img_size_flag_runs_a_directory_and_a_checkpoint_at_another_size(tmp_path, capsys, image_folder):
     """`--img-size` resamples once: a directory as the HF model interpolates, our checkpoint from its trained size."""
     from vitbudget.cli import main

@@ -36,6 +36,7 @@ class Images(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("name, options", [("baseline", {}), ("evit", {"rho": 0.7, "stages": "1"}), ("tome", {"r": 2})])
+@pytest.mark.slow
 def test_bf16_evaluation_runs_the_products_in_bf16_and_stays_close(name, options):
     model = make_model()
     data, indices = Images(), list(range(12))
@@ -57,6 +58,7 @@ def test_fp16_is_refused_on_the_cpu(tmp_path, image_folder):
         get_recipe("smoke", dtype="fp8")
 
 
+@pytest.mark.slow
 def test_bf16_training_runs_in_bf16_and_learns_other_weights(tmp_path, image_folder):
     full = Trainer(get_recipe("smoke", **SMOKE), image_folder, tmp_path / "fp32", workers=0, progress=False).fit()
     trainer = Trainer(get_recipe("smoke", **SMOKE, dtype="bf16"), image_folder, tmp_path / "bf16", workers=0, progress=False)

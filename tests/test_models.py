@@ -35,6 +35,7 @@ def test_layerscale_qknorm_registers_have_timm_names():
 
 
 @requires_reference
+@pytest.mark.slow
 def test_reference_checkpoint_loads_strict():
     model = load_model(REFERENCE_MODEL)
     assert model.cfg.embed_dim == 192 and model.cfg.num_patches == 64
@@ -49,6 +50,7 @@ def test_save_load_roundtrip(tmp_path, tiny_model):
     assert json.loads((tmp_path / "m.json").read_text())["note"] == "hello"
 
 
+@pytest.mark.slow
 def test_named_timm_state_dict_file(tmp_path):
     cfg = NAMED_CONFIGS["deit_tiny_patch16_224"].replace(img_size=32, num_classes=10)
     model = make_model(cfg)

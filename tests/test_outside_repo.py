@@ -164,6 +164,7 @@ def test_hub_id_loads_a_transformers_model_offline(offline_hub, tmp_path):
 
 
 @requires_hub
+@pytest.mark.slow
 def test_hub_id_loads_a_timm_model_offline(offline_hub, tmp_path):
     cfg = named_config("deit_tiny_patch16_224", num_classes=7)
     vit = VisionTransformer(cfg).eval()

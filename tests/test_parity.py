@@ -151,6 +151,7 @@ TOME_CASES = {
 
 
 @pytest.mark.parametrize("case", TOME_CASES)
+@pytest.mark.slow
 def test_tome_matches_the_reference(case):
     config, rs = TOME_CASES[case]
     model = perturbed(make_model(config))
@@ -162,6 +163,7 @@ def test_tome_matches_the_reference(case):
             assert torch.allclose(out.logits, expected, atol=ATOL), (case, r, (out.logits - expected).abs().max())
 
 
+@pytest.mark.slow
 def test_tome_matches_the_reference_on_a_timm_model():
     from test_timm_equivalence import _import_timm, _timm_vit
 
@@ -290,6 +292,7 @@ DVIT_CONFIGS = {"cls": cfg(depth=5), "registers": cfg(depth=5, reg_tokens=2), "c
 
 
 @pytest.mark.parametrize("name,config", [("dynamicvit", c) for c in DVIT_CONFIGS] + [("spot", "cls")])
+@pytest.mark.slow
 def test_dynamicvit_inference_keeps_the_references_tokens(name, config):
     model = perturbed(make_model(DVIT_CONFIGS[config]))
     torch.manual_seed(0)
@@ -307,6 +310,7 @@ def test_dynamicvit_inference_keeps_the_references_tokens(name, config):
 
 
 @pytest.mark.parametrize("config", ["cls", "registers"])
+@pytest.mark.slow
 def test_dynamicvit_training_masks_match_the_reference(config):
     model = perturbed(make_model(DVIT_CONFIGS[config]))
     torch.manual_seed(0)

@@ -161,6 +161,7 @@ def _mctf_flags(opts: dict) -> dict:
 
 
 @pytest.mark.parametrize("case", MCTF_CASES)
+@pytest.mark.slow
 def test_mctf_matches_the_reference(case):
     changes, opts = MCTF_CASES[case]
     model = sharp(make_model(cfg(**changes)))
@@ -298,6 +299,7 @@ ZTP_CASES = {
 
 
 @pytest.mark.parametrize("case", ZTP_CASES)
+@pytest.mark.slow
 def test_zerotprune_matches_the_reference(case):
     changes, ref, flags = ZTP_CASES[case]
     model = sharp(make_model(cfg(depth=6, **changes)))
@@ -354,6 +356,7 @@ def test_zerotprune_flops_charge_pagerank_and_similarity():
 # Both: stacks with ABS, token pictures
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,opts", [("mctf", dict(r=4)), ("zerotprune", dict(stages="1,2"))])
+@pytest.mark.slow
 def test_stacks_with_abs_and_token_maps(name, opts):
     model = make_model(cfg())
     x = images(2)

@@ -188,6 +188,7 @@ def reference_tofu(model, x_images, r: int, mlerp: str = "reference"):
 @pytest.mark.parametrize("config", [cfg(depth=6), cfg(depth=6, reg_tokens=3, init_values=0.5), cfg(depth=6, class_token=False, global_pool="avg")],
                          ids=["cls", "registers", "avg-pool"])
 @pytest.mark.parametrize("mlerp", ["reference", "paper"])
+@pytest.mark.slow
 def test_tofu_matches_the_reference(config, mlerp):
     """Six blocks: pruning in blocks 0-3, MLERP in 4-5 (in the last block alone it could not reach CLS)."""
     model = perturbed(make_model(config))
@@ -267,6 +268,7 @@ def thresh_model(**changes):
     return perturbed(make_model(cfg(**changes)), seed=1)
 
 
+@pytest.mark.slow
 def test_thresh_batched_packed_equals_one_by_one_and_the_reference():
     model = thresh_model()
     x = mixed_images()
@@ -282,6 +284,7 @@ def test_thresh_batched_packed_equals_one_by_one_and_the_reference():
     assert any(w < c for w, c in zip(out.record.attn_width, out.record.core_width))  # blocks ran packed
 
 
+@pytest.mark.slow
 def test_thresh_flops_are_per_image_from_executed_tokens():
     model = thresh_model()
     config = model.cfg
@@ -340,6 +343,7 @@ def test_thresh_refuses_export_and_bad_budget():
 # Stacks with ABS and token pictures
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, options", [("pitome", dict(ratio=0.85)), ("tofu", dict(r=5)), ("thresh", THRESH)])
+@pytest.mark.slow
 def test_new_methods_stack_with_abs_and_draw_merged_sizes(name, options):
     model = thresh_model()
     x = mixed_images()

@@ -84,6 +84,7 @@ def test_conversions_are_noted_once_per_split(odd_folder):
     assert conversion_notes(ImageFolder(odd_folder, "train"), 28, Preprocess(resize="squash"))[1].endswith("resized to 28x28 (aspect ratio not kept)")
 
 
+@pytest.mark.slow
 def test_scratch_training_normalises_with_the_data_and_stores_it(tmp_path, odd_folder):
     recipe, _ = recipe_for_data("scratch", odd_folder, arch="vit_tiny", img_size=16, patch_size=8)
     recipe = recipe.replace(arch={**recipe.arch, "embed_dim": 16, "depth": 1, "num_heads": 2}, epochs=1, batch_size=6, eval_limit=None)
@@ -128,6 +129,7 @@ def test_recipe_normalisation_is_both_or_neither():
     assert finetune().mean is None and finetune().new_head
 
 
+@pytest.mark.slow
 def test_cli_scratch_then_finetune_any_folder(tmp_path, capsys):
     data = write_image_folder(tmp_path / "colours", classes=3, per_class=8, size=20)
     code = main(["train", "--recipe", "scratch", "--arch", "vit_mini", "--data", str(data), "--img-size", "16", "--patch-size", "8", "--epochs", "1",

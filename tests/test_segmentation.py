@@ -76,6 +76,7 @@ def independent_miou(head, model, dataset) -> float:
     return sum(ious) / len(ious)
 
 
+@pytest.mark.slow
 def test_train_segmentation_probe(tmp_path, shapes, backbone, capsys):
     out = tmp_path / "out"
     code = main(["train", "--task", "segmentation", "--data", str(shapes), "--init", str(backbone), "--method", "tome", "--r", "0",

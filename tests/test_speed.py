@@ -65,6 +65,7 @@ def test_halting_profile_draws():
         HaltingReplay(make_model(DEEP), AViTOptions(), torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_speed_command_writes_rows(tmp_path, capsys):
     model = make_model(DEEP)
     path = save_model(model, tmp_path / "deep.safetensors")
@@ -110,6 +111,7 @@ def test_halting_profile_description_is_stated():
 
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate 123456789 bytes.")])
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_and_nothing_written(tmp_path, capsys, monkeypatch, error):
     """A batch size too big for the machine is the user's setting: one line naming the flag, not an allocator dump."""
     def oom(*args, **kwargs):

@@ -123,6 +123,7 @@ def test_attention_stats_masked_equals_submatrix():
     assert torch.allclose(s, torch.stack([a[0, 1, 0, 3], a[0, 1, 3, 0], blk[2].mean(), blk[:, 2].mean(), blk[2].var(unbiased=False), blk[:, 2].var(unbiased=False)]))
 
 
+@pytest.mark.slow
 def test_predictor_flops_are_counted_and_match_the_counter():
     from vitbudget.models import ViTConfig
 
@@ -138,6 +139,7 @@ def test_predictor_flops_are_counted_and_match_the_counter():
     assert extra > sum(spot.predictors[k].macs(n) for k, n in enumerate((16, 11)))  # + statistics
 
 
+@pytest.mark.slow
 def test_spot_probability_needs_and_ablation_shapes():
     from vitbudget.models import ViTConfig
 
@@ -215,6 +217,7 @@ def test_training_step_reaches_predictors_and_losses(model, name):
         assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+@pytest.mark.slow
 def test_trainer_runs_spot_with_a_teacher(tmp_path, image_folder):
     from vitbudget import load_model
     from vitbudget.train import Trainer, get_recipe

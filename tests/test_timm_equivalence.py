@@ -68,6 +68,7 @@ def test_logits_equal_timm(cfg):
 
 
 @requires_reference
+@pytest.mark.slow
 def test_reference_checkpoint_matches_timm():
     timm = _import_timm()
     ours = load_model(REFERENCE_MODEL)

@@ -43,6 +43,7 @@ def cases():
 
 
 @pytest.mark.parametrize("layout, method", cases(), ids=[f"{m}-{lay}" for lay, m in cases()])
+@pytest.mark.slow
 def test_method_runs_or_refuses_clearly(layout, method):
     cfg = LAYOUTS[layout]
     model = make_model(cfg)

@@ -9,6 +9,8 @@ from vitbudget import CheckpointError, ConfigError, load_model
 from vitbudget.train import Trainer, get_recipe
 from vitbudget.train.optim import lr_at, param_groups
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses: the whole module is outside the fast loop
+
 SMOKE = dict(train_limit=None, eval_limit=None, final_eval_limit=None, epochs=2, batch_size=8, save_every_steps=3)
 
 

@@ -18,6 +18,7 @@ from vitbudget import CheckpointError, ConfigError
 from vitbudget.cli import main
 from vitbudget.data import subset_indices
 from vitbudget.devices import out_of_memory
+from vitbudget.eval.latency_model import LatencyModel
 from vitbudget.eval.tune import checkpoint_names, default_candidates, holdout_indices, recommend, tome_rs
 from vitbudget.models import ViTConfig, save_model
 from vitbudget.report.pareto import pareto_figure, pareto_front
@@ -78,12 +79,22 @@ def save_classifier(path, seed=0, favourite=None):
     return save_model(m, path)
 
 
+LINEAR = LatencyModel(tuple(1e-3 * n for n in range(1, 18)), 0.0, 1)  # a block costs its token count: speed-up = 1 / rel. tokens
+
+
+@pytest.fixture(autouse=True)
+def linear_latency_model(monkeypatch):
+    """The tuner's latency model replaced by a fixed curve: which candidates get timed never depends on this machine."""
+    monkeypatch.setattr(tune_module, "load_or_measure", lambda model, batch, device, progress=True: (LINEAR, True))
+
+
 def one_error_line(code, captured, message, exit_code=1):
     lines = captured.err.strip().splitlines()
     assert code == exit_code and len(lines) == 1 and lines[0].startswith("vitbudget: error: ") and message in lines[0], captured.err
 
 
 # -- the held-out images -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tuner_never_reads_the_test_split(tmp_path, capsys, checkpoint, train_only, monkeypatch):
     opened, read = [], []
     real_init, real_read = folder.ImageFolder.__init__, folder.read_image
@@ -144,7 +155,7 @@ def test_candidate_grid():
     new = default_candidates(TINY, families=["pitome", "tofu", "thresh"], stacks=False)
     assert [c.options["ratio"] for c in new if c.method == "pitome"] == [0.975, 0.95, 0.925, 0.9, 0.875]
     assert [c.options["r"] for c in new if c.method == "tofu"] == tome_rs(16, 3)
-    assert [c.options["thr0"] for c in new if c.method == "thresh"] == [0.95, 0.9, 0.85, 0.8, 0.75]
+    assert [c.options["thr0"] for c in new if c.method == "thresh"] == [0.998, 0.995, 0.99, 0.95, 0.9, 0.8]
     assert {c.method for c in default_candidates(TINY)} >= {"pitome+abs", "tofu+abs", "thresh+abs"}
 
 
@@ -165,17 +176,18 @@ def test_recommend_is_the_most_accurate_candidate_that_meets_the_target():
         assert recommend(rows, target, flops) == expected, (target, flops)
 
 
+@pytest.mark.slow
 def test_recommendation_meets_its_target_in_the_tuners_own_measurements(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
     inject_timings(monkeypatch, lambda label, r: 1.0 if label == "Baseline" else 0.5 + 0.01 * (len(label) + r % 3))
-    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-speedup", "1.5", "--target-flops", "0.8")
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-speedup", "1.5", "--target-flops", "0.8", "--time-all")
     assert code == 0, captured.err
     result = json.loads((tmp_path / "tune" / "tune.json").read_text())
     rows, chosen = result["rows"], result["recommended"]
     assert rows[chosen]["speedup"] >= 1.5 and rows[chosen]["rel_flops"] <= 0.8 and rows[chosen]["meets"]
-    meeting = [r for r in rows.values() if r["speedup"] >= 1.5 and r["rel_flops"] <= 0.8]
+    meeting = [r for r in rows.values() if r["speedup"] is not None and r["speedup"] >= 1.5 and r["rel_flops"] <= 0.8]
     assert rows[chosen]["top1_mean"] == max(r["top1_mean"] for r in meeting)
     assert rows["Baseline"]["speedup"] == 1.0 and rows["Baseline"]["rel_flops"] == 1.0
-    assert all(r["fraction_of_ideal"] == pytest.approx(r["speedup"] * r["rel_flops"]) for r in rows.values())
+    assert all(r["fraction_of_ideal"] == pytest.approx(r["speedup"] * r["rel_flops"]) for r in rows.values() if r["timed"])
     assert len(rows) == 11  # baseline + ToMe's 5 settings + their 5 stacks
     config = read_run_config(tmp_path / "tune" / "config.json")
     assert (config.method, config.options) == (rows[chosen]["method"], rows[chosen]["options"])
@@ -185,6 +197,7 @@ def test_recommendation_meets_its_target_in_the_tuners_own_measurements(tmp_path
     assert not (tmp_path / "tune" / ".tune_state.json").exists()
 
 
+@pytest.mark.slow
 def test_a_candidate_slower_than_the_baseline_is_never_recommended(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
     code, captured = tune_cli(capsys, tmp_path / "flops", checkpoint, image_folder, "--target-flops", "0.9", "--no-stacks", "--no-speed")
     assert code == 0, captured.err
@@ -231,6 +244,7 @@ def test_a_full_disk_publishes_nothing(tmp_path, capsys, checkpoint, image_folde
     assert sorted(p.name for p in out.iterdir()) == [".tune_state.json", "tune.md"] and (out / "tune.md").read_text() == "earlier"
 
 
+@pytest.mark.slow
 def test_a_killed_tuner_resumes_its_accuracy(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -295,6 +309,7 @@ def test_other_runtime_errors_stay_errors():
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
 
+@pytest.mark.slow
 def test_checkpoints_in_folders_of_the_same_name_are_each_measured(tmp_path, capsys, checkpoint, image_folder):
     paths = [save_classifier(tmp_path / run / "spot" / "model.safetensors", seed=seed) for run, seed in (("a", 1), ("b", 2))]
     code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-flops", "1.0", "--methods", "", "--no-speed",
@@ -307,6 +322,7 @@ def test_checkpoints_in_folders_of_the_same_name_are_each_measured(tmp_path, cap
     assert checkpoint_names(["/x/spot/m.safetensors", "/x/spot/m.safetensors"]) == ["spot", "spot"]  # one file (as two methods)
 
 
+@pytest.mark.slow
 def test_a_resumed_tuner_measures_a_rewritten_checkpoint_again(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -327,6 +343,7 @@ def test_a_resumed_tuner_measures_a_rewritten_checkpoint_again(tmp_path, capsys,
     assert measured == ["Baseline (ft)"]  # the tuned model's accuracy resumed; the rewritten checkpoint's measured again
 
 
+@pytest.mark.slow
 def test_labels_follow_the_models_class_names_as_eval_does(tmp_path, capsys):
     """Two class folders of ten classes: tune must label them 3 and 7 (the model's names), as eval does, not 0 and 1."""
     model = save_classifier(tmp_path / "m.safetensors", favourite=3)  # predicts class03 for every image
@@ -407,6 +424,7 @@ def test_bad_config_files(tmp_path, checkpoint, change, error, message):
         read_run_config(tmp_path / "c.json")
 
 
+@pytest.mark.slow
 def test_eval_and_bench_take_a_config(tmp_path, capsys, checkpoint, image_folder):
     config = write_run_config(tmp_path / "c.json", RunConfig("tome+abs", {"r": 2, "alpha": 0.25}, model=str(checkpoint)))
     common = ["--data", str(image_folder), "--quiet", "--workers", "0", "--no-speed", "--limit", "16"]
@@ -479,6 +497,7 @@ def test_pareto_plot_families_front_baseline_and_labels_that_do_not_overlap():
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_bench_pareto_without_speed_is_written(tmp_path, capsys, checkpoint, image_folder):
     code = main(["bench", "--suite", "abs-short", "--model", str(checkpoint), "--data", str(image_folder), "--out", str(tmp_path / "b"),
                  "--quiet", "--workers", "0", "--no-speed", "--limit", "8", "--seeds", "1"])
@@ -508,3 +527,75 @@ def test_speedup_is_the_median_of_per_round_ratios(monkeypatch):
                                          warmup=0, progress=False)
     assert speed["Baseline"]["speedup"] == 1.0
     assert speed["cand"] == {"speedup": 1.0, "speedup_q25": 0.75, "speedup_q75": 2.0, "latency_ms": 2000.0, "images_per_s": 0.5}
+
+
+# -- the latency model ---------------------------------------------------------------------------------
+def test_latency_model_prediction_is_fixed_part_plus_each_executed_block():
+    curve = LatencyModel((1.0, 2.0, 3.0), 10.0, 1)
+    assert curve.predict([3, 2.5, 1]) == 10 + 3 + 3 + 1  # a padded width 2.5 runs as 3 tokens
+    assert curve.predict([7]) == 13  # beyond the measured counts: the largest
+    assert curve.predict([]) == 10
+
+
+def test_executed_widths_follow_each_methods_tokens():
+    from vitbudget.eval.latency_model import executed_widths
+    from vitbudget.methods import build_method
+
+    model, images = make_model(), torch.randn(2, 3, 32, 32)
+    assert executed_widths(build_method("baseline", model), images) == [17.0] * 3
+    assert executed_widths(build_method("tome", model, r=2), images) == [17.0, 15.0, 13.0]  # r merged after each block's attention
+
+
+def test_latency_curve_is_measured_once_per_shape_and_batch(monkeypatch):
+    import vitbudget.eval.latency_model as lm
+
+    measured = []
+
+    def fake_measure(model, batch, device, progress=True):
+        measured.append(batch)
+        return LatencyModel(tuple(float(n) for n in range(1, 18)), 0.5, batch)
+
+    monkeypatch.setattr(lm, "measure", fake_measure)
+    model = make_model()
+    first, cached = lm.load_or_measure(model, 4, "cpu", progress=False)
+    again, cached_again = lm.load_or_measure(model, 4, "cpu", progress=False)
+    assert (cached, cached_again, measured) == (False, True, [4]) and again == first
+    lm.load_or_measure(model, 8, "cpu", progress=False)  # another batch size: measured again
+    lm.load_or_measure(make_model(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=10)), 4, "cpu", progress=False)
+    assert measured == [4, 8, 4]
+    lm.cache_file(lm.cache_key(model, 4, "cpu")).write_text("{ torn")  # a damaged cache entry is measured again, not an error
+    assert lm.load_or_measure(model, 4, "cpu", progress=False)[1] is False
+
+
+def test_measured_latency_curve_has_every_token_count():
+    from vitbudget.eval.latency_model import measure
+
+    curve = measure(make_model(), 2, repeats=1, progress=False)
+    assert len(curve.block) == 17 and all(t > 0 for t in curve.block) and curve.fixed >= 0 and curve.batch_size == 2
+
+
+@pytest.mark.slow
+def test_tuner_times_only_candidates_the_latency_model_says_can_meet_the_target(tmp_path, capsys, checkpoint, image_folder, monkeypatch):
+    timed = []
+
+    def seconds(label, r):
+        timed.append(label)
+        return 1.0 if label == "Baseline" else 0.6
+
+    inject_timings(monkeypatch, seconds)
+    code, captured = tune_cli(capsys, tmp_path, checkpoint, image_folder, "--target-speedup", "1.3", "--no-stacks")
+    assert code == 0, captured.err
+    result = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    rows = result["rows"]
+    for label, row in rows.items():  # the linear curve predicts 1 / (mean block width / 17)
+        assert row["timed"] == (label == "Baseline" or row["predicted_speedup"] >= tune_module.PROMISING * 1.3), label
+        assert (row["speedup"] is None) == (not row["timed"]) and (label in timed) == row["timed"]
+    assert 0 < sum(r["timed"] for r in rows.values()) - 1 < len(rows) - 1  # some timed, some ruled out
+    assert result["prediction_error"] == pytest.approx(
+        np.median([abs(r["predicted_speedup"] - 1 / 0.6) * 0.6 for k, r in rows.items() if r["timed"] and k != "Baseline"]))
+    table = (tmp_path / "tune" / "tune.md").read_text()
+    assert "not timed (cannot meet the target)" in table and "Latency model: predicted speed-ups" in table
+    timed.clear()
+    code, captured = tune_cli(capsys, tmp_path / "all", checkpoint, image_folder, "--target-speedup", "1.3", "--no-stacks", "--time-all")
+    assert code == 0, captured.err
+    assert all(r["timed"] for r in json.loads((tmp_path / "all" / "tune" / "tune.json").read_text())["rows"].values())

@@ -17,6 +17,7 @@ EPILOG = """examples:
   vitbudget export --model deit_s.pth --arch deit_small_patch16_224 --method tome --r 13 --format onnx --out tome.onnx
   vitbudget export --method avit --dense true --model runs/avit_d6/model.safetensors --out avit.onnx
   vitbudget export --method tome --r 4 --out tome.xml                      # OpenVINO IR: tome.xml + tome.bin
+  vitbudget export --method tome --r 4 --quantize int8 --out tome_int8.onnx  # + int8 weights (onnxruntime dynamic quantization)
   vitbudget export --config runs/tune/config.json --out tuned.onnx          # the setting `vitbudget tune` chose
 
 The file takes a float32 batch "images" (batch, 3, H, W), normalised as its metadata says, and
@@ -39,6 +40,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ex.add_argument("--format", default=None, choices=list(FORMATS), help="file format (default: from --out's suffix, .onnx, .pt2 or .xml)")
     ex.add_argument("--opset", type=bounded(int, f"an ONNX opset from {MIN_OPSET} to {MAX_OPSET}", lambda v: MIN_OPSET <= v <= MAX_OPSET),
                     default=None, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: the exporter's, 20 with torch 2.13)")
+    ex.add_argument("--quantize", default=None, choices=["int8"], help="ONNX only: int8 weights for every matrix product "
+                    "(onnxruntime dynamic quantization, activations quantized per call), stacked on the method's token savings")
     ex.add_argument("--no-verify", action="store_true", help="skip running the exported file against PyTorch")
     add_config_flag(ex)
     add_method_option_flags(ex)
@@ -47,10 +50,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import check_request, export_method, format_of
+    from ..export.quantize import check_quantize
     from ..models import load_model
 
     fmt = format_of(args.out, args.format)  # before any loading: a bad name or opset fails at once
     check_request(fmt, args.out, args.opset)
+    check_quantize(args.quantize, fmt)
     apply_run_config(args)
     args.method = args.method or "baseline"
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if args.img_size is not None and args.img_size != model.cfg.img_size:
             model.set_input_size(args.img_size)
         method = build_method(args.method, model, **method_options(args, args.method))
-    result = export_method(method.to(args.device), args.out, fmt, source=str(model_path), verify=not args.no_verify, opset=args.opset)
+    result = export_method(method.to(args.device), args.out, fmt, source=str(model_path), verify=not args.no_verify, opset=args.opset,
+                           quantize=args.quantize)
     meta = result.metadata
     print(f"wrote {result.path} ({result.format}): {meta['method']['name']} {json.dumps(meta['method']['options'])}")
     print(f"tokens entering each block's attention in the exported graph: {meta['tokens']['attention']}")
@@ -73,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
     elif fmt == "openvino":
         print(f"max |logits - PyTorch logits| = {result.max_abs_diff:.2e} on 3 random images (OpenVINO CPU, f32); weights in {result.path.with_suffix('.bin')}")
     else:
-        print(f"max |logits - PyTorch logits| = {result.max_abs_diff:.2e} on 3 random images")
+        quantized = " (int8 weights: quantization error included)" if args.quantize else ""
+        print(f"max |logits - PyTorch logits| = {result.max_abs_diff:.2e} on 3 random images{quantized}")
     return 0

@@ -19,10 +19,13 @@ EPILOG = """examples:
   vitbudget tune ... --checkpoint runs/ft/spot/model.safetensors --checkpoint runs/ft/avit/model.safetensors
   vitbudget eval --config runs/tune/config.json --data imgs/     # then: the chosen setting, once, on the test split
 
-Candidates: the baseline; EViT and the SPOT heuristic over rho 0.5..0.9; ToMe over r scaled to the
-model; each of them followed by ABS (a stack, --stack-alpha); every --checkpoint (a trained method,
+Candidates: the baseline; EViT, the SPOT heuristic and Zero-TPrune over rho 0.5..0.9; ToMe, ToFu and
+MCTF over r scaled to the model; PiToMe over its keep ratio; threshold merging over its threshold
+(--methods picks families); each of them followed by ABS (a stack, --stack-alpha); every --checkpoint (a trained method,
 read from its sidecar) and its stack. Accuracy comes from --holdout images of the TRAINING split
-(never the test split); speed is measured here, at --batch-size, all candidates round-robin.
+(never the test split); speed is first predicted from this machine's latency model (one block's
+time against its token count at --batch-size, measured once and cached), then measured here for
+the candidates that can meet the target (all with --time-all), round-robin.
 Writes OUT/tune.json, OUT/tune.md (the table), OUT/pareto.png (top-1 against FLOPs and measured
 speed-up) and OUT/config.json (the recommended setting, for eval/bench --config). All four are
 published together or not at all (nothing when no candidate meets the target). A killed or
@@ -50,6 +53,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu.add_argument("--no-stacks", action="store_true", help="do not try REDUCER+abs stacks")
     tu.add_argument("--stack-alpha", type=finite_float, default=0.2, help="ABS alpha of the stacks (default 0.2)")
     tu.add_argument("--no-speed", action="store_true", help="skip timing (only with --target-flops): a FLOPs-only answer")
+    tu.add_argument("--time-all", action="store_true", help="time every candidate, not only those the latency model predicts can meet the target")
     tu.add_argument("--repeats", type=positive_int, default=30, help="round-robin timing rounds (default 30)")
     tu.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls per candidate before timing (default 3)")
     tu.add_argument("--eval-batch-size", type=positive_int, default=256, help="batch size of the accuracy pass (default 256)")
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     result = tune(model, model_path, dataset, indices, candidates, target_speedup=args.target_speedup, target_flops=args.target_flops,
                   batch_size=args.batch_size, device=args.device, repeats=args.repeats, warmup=args.warmup,
                   eval_batch_size=args.eval_batch_size, workers=args.workers, progress=not args.quiet,
-                  state_path=state_path, build=build, speed=not args.no_speed)
+                  state_path=state_path, build=build, speed=not args.no_speed, time_all=args.time_all)
     machine = machine_info(args.device)
     command = "vitbudget " + shlex.join(sys.argv[1:])
     table = tune_table(result)

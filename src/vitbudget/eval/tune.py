@@ -11,9 +11,11 @@ possible". The tuner measures candidates and recommends one:
   disjoint from every `--train-limit L` subset, at every training seed, while L <= N - holdout).
   A model trained on the whole split has seen them: the numbers are then optimistic, and only
   their order matters; the chosen setting is measured once on the test split afterwards;
-* speed on this machine at the user's batch size, all candidates timed round-robin with the
-  library's timer (`eval.speed.time_interleaved`), as speed-up = median over rounds of
-  baseline time / candidate time (`eval.speed.paired_ratio`);
+* speed on this machine at the user's batch size: first predicted for every candidate by the
+  machine's latency model (`latency_model`, one block's time against its token count, measured
+  once and cached), then the promising candidates timed round-robin with the library's timer
+  (`eval.speed.time_interleaved`), as speed-up = median over rounds of baseline time / candidate
+  time (`eval.speed.paired_ratio`); the table shows prediction and measurement side by side;
 * recommendation: the most accurate candidate that meets the target in these measurements
   (speed-up >= target, and/or relative FLOPs <= target), ties broken by speed, never one
   measured slower than the unmodified model at this batch size (marked in the table instead).
@@ -46,14 +48,19 @@ from ..methods.labels import display_name, setting_label
 from ..runtime.cost import dense_macs
 from . import metrics
 from .evaluate import predict
+from .latency_model import executed_widths, load_or_measure
 from .speed import fraction_of_ideal, paired_ratio, time_interleaved
 
 RHOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 TOME_FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)  # r = fraction * patches / depth: 1.0 merges all patches by the last block
 PITOME_RATIOS = (0.975, 0.95, 0.925, 0.9, 0.875)  # kept per block; the reference's evaluations use 0.9-0.975
-THRESH_THR0S = (0.95, 0.9, 0.85, 0.8, 0.75)  # key cosine similarity above which a pair merges (no decay)
+# Key cosine similarity above which a pair merges (no decay). Its scale is the model's: on the 32-px toy
+# model 0.9 already merges to 0.32x FLOPs, on the pretrained ViT-S/14 anything below ~0.99 merges half the
+# tokens in every block (0.995: 0.79x, 0.998: 0.92x), so the grid spans both.
+THRESH_THR0S = (0.998, 0.995, 0.99, 0.95, 0.9, 0.8)
 FAMILIES = ("evit", "spot_heuristic", "tome", "mctf", "zerotprune", "pitome", "tofu", "thresh")
 SLOWER = "slower than the unmodified model"  # the mark of a candidate that is never recommended
+PROMISING = 0.9  # time a candidate whose predicted speed-up reaches this fraction of the target (the prediction is an upper bound; margin for noise)
 
 
 @dataclass(frozen=True)
@@ -198,13 +205,17 @@ def tune(
     model, model_path: str, dataset, indices: Sequence[int], candidates: Sequence[Candidate], *,
     target_speedup: float | None = None, target_flops: float | None = None, batch_size: int = 1, device: str = "cpu",
     repeats: int = 30, warmup: int = 3, eval_batch_size: int = 256, workers: int | None = None, progress: bool = True,
-    state_path: Path | None = None, build: Callable[[Candidate], Any] | None = None, speed: bool = True,
+    state_path: Path | None = None, build: Callable[[Candidate], Any] | None = None, speed: bool = True, time_all: bool = False,
 ) -> dict[str, Any]:
     """Measure every candidate (accuracy on `indices`, speed at `batch_size`) and recommend one.
 
     `model` is the loaded tuned model (training-free candidates share it); `build(candidate)` may
     replace how a candidate becomes a Method (the CLI passes one that honours --arch). `speed=False`
     skips timing (a FLOPs target only: on a shared machine, or where timing is done elsewhere).
+    With timing, every candidate's speed-up is first predicted from the machine's latency model
+    (`latency_model`: cached per machine and shape) and only the promising ones are timed: those
+    that meet a FLOPs target and whose predicted speed-up (an upper bound: it leaves the method's
+    own bookkeeping out) reaches PROMISING x a speed target; `time_all` times every candidate.
     Accuracy is saved to `state_path` as it comes; the file stays for the caller to remove once the
     results are safely written (a rerun, with any target, then skips the accuracy pass).
     """
@@ -262,19 +273,49 @@ def tune(
     bar.close()
     for label, row in rows.items():
         row["mcnemar_p_vs_baseline"] = None if label == "Baseline" else metrics.mcnemar(correct[label], correct["Baseline"])["p_value"]
-    timing = {}
+    timing: dict[str, dict[str, float]] = {}
     if speed:
         with out_of_memory(device, f"lower --batch-size (now {batch_size})"):
-            timing = measure_speedups(methods, dataset, indices, batch_size=batch_size, device=device, repeats=repeats, warmup=warmup,
-                                      progress=progress)
+            predicted = predict_speedups({lb: methods[lb] for lb in rows}, model, dataset, indices, batch_size, device, progress)
+            for label, row in rows.items():
+                row["predicted_speedup"] = predicted[label]
+            timed = [lb for lb, row in rows.items()
+                     if time_all or lb == "Baseline" or promising(row, target_speedup, target_flops)]
+            timing = measure_speedups({lb: methods[lb] for lb in timed}, dataset, indices, batch_size=batch_size, device=device,
+                                      repeats=repeats, warmup=warmup, progress=progress)
     for label, row in rows.items():
+        row["timed"] = label in timing
         row.update(timing.get(label, dict.fromkeys(("speedup", "speedup_q25", "speedup_q75", "latency_ms", "images_per_s"))))
         row["fraction_of_ideal"] = None if row["speedup"] is None else fraction_of_ideal(row["speedup"], row["rel_flops"])
         row["slower_than_baseline"] = None if row["speedup"] is None else row["speedup"] < 1.0
         row["meets"] = meets(row, target_speedup, target_flops)
     chosen = recommend(rows, target_speedup, target_flops)
     return {"rows": rows, "recommended": chosen, "skipped": skipped, "target_speedup": target_speedup, "target_flops": target_flops,
-            "batch_size": batch_size if speed else None, "device": str(device), "repeats": repeats if speed else 0, "images": len(indices)}
+            "batch_size": batch_size if speed else None, "device": str(device), "repeats": repeats if speed else 0, "images": len(indices),
+            "prediction_error": prediction_error(rows)}
+
+
+def promising(row: dict[str, Any], target_speedup: float | None, target_flops: float | None) -> bool:
+    """Worth timing: meets the FLOPs target, and its predicted speed-up (an upper bound) reaches PROMISING x the speed target."""
+    if target_flops is not None and row["rel_flops"] > target_flops:
+        return False
+    return target_speedup is None or row["predicted_speedup"] >= PROMISING * target_speedup
+
+
+def predict_speedups(methods: dict[str, Any], model, dataset, indices: Sequence[int], batch_size: int, device: str,
+                     progress: bool = True) -> dict[str, float]:
+    """Each candidate's speed-up predicted by the latency model from the widths its blocks ran on one held-out batch."""
+    curve, _ = load_or_measure(model, batch_size, device, progress=progress)
+    images = torch.stack([dataset[indices[j % len(indices)]][0] for j in range(batch_size)]).to(device)
+    times = {label: curve.predict(executed_widths(method, images)) for label, method in methods.items()}
+    return {label: times["Baseline"] / t for label, t in times.items()}
+
+
+def prediction_error(rows: dict[str, dict[str, Any]]) -> float | None:
+    """Median relative error of the predicted speed-up against the measured one, over the timed candidates."""
+    errors = [abs(r["predicted_speedup"] - r["speedup"]) / r["speedup"] for label, r in rows.items()
+              if label != "Baseline" and r.get("speedup") is not None and r.get("predicted_speedup") is not None]
+    return statistics.median(errors) if errors else None
 
 
 def measure_speedups(methods: dict[str, Any], dataset, indices: Sequence[int], *, batch_size: int, device: str, repeats: int,
@@ -315,20 +356,27 @@ def tune_table(result: dict[str, Any]) -> str:
         f"Target: {' and '.join(target)}. Accuracy on {result['images']} held-out training images; "
         + (f"speed on this machine ({result['device']}, batch {result['batch_size']}, {result['repeats']} round-robin rounds).\n"
            if timed else "speed not measured (--no-speed).\n"),
-        "| candidate | top-1 % | ECE % | rel. FLOPs | measured speed-up (quartiles over rounds) | fraction of ideal | meets target | McNemar p vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| candidate | top-1 % | ECE % | rel. FLOPs | predicted speed-up | measured speed-up (quartiles over rounds) | fraction of ideal | meets target | McNemar p vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = sorted(result["rows"].items(), key=lambda kv: (kv[1]["speedup"] or 0.0, -kv[1]["rel_flops"]))
+    rows = sorted(result["rows"].items(), key=lambda kv: (kv[1]["speedup"] or 0.0, kv[1].get("predicted_speedup") or 0.0, -kv[1]["rel_flops"]))
     for label, r in rows:
         name = f"**{label}** (recommended)" if label == result["recommended"] else label
         p = r["mcnemar_p_vs_baseline"]
         speedup = "–" if r["speedup"] is None else f"{r['speedup']:.3f}× ({r['speedup_q25']:.2f}–{r['speedup_q75']:.2f})"
+        if r["speedup"] is None and r.get("predicted_speedup") is not None:
+            speedup = "not timed (cannot meet the target)"
+        predicted = "–" if r.get("predicted_speedup") is None else f"{r['predicted_speedup']:.3f}×"
         ideal = "–" if r["fraction_of_ideal"] is None else f"{r['fraction_of_ideal']:.2f}"
         verdict = ("yes" if r["meets"] else "no") + (f"; {SLOWER}: not recommended" if r.get("slower_than_baseline") else "")
-        lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['ece']:.2f} | {r['rel_flops']:.3f}× | {speedup} | "
+        lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['ece']:.2f} | {r['rel_flops']:.3f}× | {predicted} | {speedup} | "
                      f"{ideal} | {verdict} | {'–' if p is None else f'{p:.3g}'} |")
     if result["skipped"]:
         lines.append("\nNot applicable to this model: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
+    if result.get("prediction_error") is not None:
+        lines.append(f"\nLatency model: predicted speed-ups (block time against token count on this machine, the method's own "
+                     f"bookkeeping left out) are off the measured ones by {100 * result['prediction_error']:.1f} % (median over the timed "
+                     "candidates); candidates it rules out are not timed (`--time-all` times every one).")
     lines.append("\nFraction of ideal = measured speed-up × relative FLOPs (1 = the time saved is all the FLOPs saved). "
                  + (f"A candidate {SLOWER} at this batch size is never recommended. " if timed else "")
                  + "Wide quartiles mean a noisy machine: time again with more --repeats on an idle one. "

@@ -26,6 +26,7 @@ from .metadata import export_metadata
 from .onnx_file import OnnxRunner, check_opset, onnx_block_tokens, read_onnx_metadata, write_onnx
 from .openvino_file import OpenVinoRunner, openvino_block_tokens, read_openvino_metadata, write_openvino
 from .pt2_file import Pt2Runner, load_pt2, write_pt2
+from .quantize import QUANTIZATION_NOTE, QUANTIZATIONS, check_quantize, quantize_onnx_int8
 from .trace import EXAMPLE_BATCH, LogitsOnly, input_shape, program_block_tokens, trace
 
 FORMATS = ("onnx", "torch-export", "openvino")
@@ -65,9 +66,12 @@ def check_request(fmt: str, path: str | os.PathLike, opset: int | None) -> None:
 
 def export_method(
     method: Method, path: str | os.PathLike, fmt: str | None = None, *, source: str | None = None, verify: bool = True,
-    opset: int | None = None,
+    opset: int | None = None, quantize: str | None = None,
 ) -> ExportResult:
     """Trace `method` (eval mode), write it atomically, and check the file reproduces PyTorch.
+
+    `quantize="int8"` (ONNX only) stores the matrix products' weights as int8 (onnxruntime's dynamic
+    quantization, `export.quantize`); `max_abs_diff` then measures the quantization error too.
 
     The file appears only once written and checked; with `verify`, the exported program runs on
     a fresh random batch of VERIFY_BATCH images and its largest logit difference is returned.
@@ -75,6 +79,7 @@ def export_method(
     """
     fmt = format_of(path, fmt)
     check_request(fmt, path, opset)
+    check_quantize(quantize, fmt)
     program = trace(method)
     tokens = program_block_tokens(program)
     device = next(iter(method.parameters()), torch.empty(0)).device
@@ -95,6 +100,9 @@ def export_method(
     with atomic_path(path) as tmp:
         if fmt == "onnx":
             write_onnx(program, tmp, metadata, opset)
+            if quantize == "int8":
+                quantize_onnx_int8(tmp, tmp)
+                metadata = {**metadata, "quantization": QUANTIZATION_NOTE}
             runner = _onnx_runner_if_available(tmp)
         else:
             write_pt2(program, tmp, metadata)
@@ -136,6 +144,6 @@ def block_tokens(path: str | os.PathLike) -> dict[str, list[int]]:
 
 
 __all__ = [
-    "ExportResult", "FORMATS", "LogitsOnly", "OnnxRunner", "OpenVinoRunner", "Pt2Runner", "block_tokens", "export_method", "format_of",
+    "ExportResult", "FORMATS", "LogitsOnly", "QUANTIZATIONS", "OnnxRunner", "OpenVinoRunner", "Pt2Runner", "block_tokens", "export_method", "format_of",
     "load_exported", "read_metadata", "trace",
 ]

@@ -50,9 +50,11 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_is_better: bool)
 
 
 def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key: str | None = None,
-                  target_flops: float | None = None, target_speedup: float | None = None, highlight: str | None = None):
+                  target_flops: float | None = None, target_speedup: float | None = None, highlight: str | None = None,
+                  score: str | None = None, score_label: str | None = None):
     """The figure (matplotlib, Agg): a FLOPs panel, and a speed panel when `speed_key` (or the first
-    of SPEED_KEYS found) is in at least two rows. Returns (figure, axes, {axes: [label texts]})."""
+    of SPEED_KEYS found) is in at least two rows. The y axis is rows' `{score}_mean` (default: top-1, or
+    cosine for feature extractors; e.g. score="iou" for dense maps). Returns (figure, axes, {axes: [label texts]})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +65,9 @@ def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key
     axes_spec = [("rel_flops", "relative FLOPs (from executed tokens; lower is cheaper)", True)]
     if speed_key is not None:
         axes_spec.append((speed_key, SPEED_KEYS.get(speed_key, speed_key), False))
-    score = "top1" if all("top1_mean" in r for r in rows.values()) else "cosine"  # feature extractors: cosine to the reference
+    if score is None:
+        score = "top1" if all("top1_mean" in r for r in rows.values()) else "cosine"  # feature extractors: cosine to the reference
+    ylabel = score_label or {"top1": "top-1 %", "cosine": "cosine similarity to the reference's features"}.get(score, score)
     fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.4 * len(axes_spec), 4.8), squeeze=False)
     axes = list(axes[0])
     families: dict[str, list[str]] = {}
@@ -108,7 +112,7 @@ def pareto_figure(rows: dict[str, dict[str, Any]], *, title: str = "", speed_key
             ax.annotate("recommended", plotted[highlight], xytext=(0, 16), textcoords="offset points", ha="center", fontsize=7,
                         fontweight="bold", arrowprops={"arrowstyle": "-", "color": "black", "lw": 0.6})
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 %" if score == "top1" else "cosine similarity to the reference's features")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.margins(x=0.08, y=0.12)
         points = [(plotted[lb], setting_label(rows[lb].get("options") or {}), style[family_of(rows[lb])][0]) for lb in labels
