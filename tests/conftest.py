@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitbudget.models import ViTConfig, VisionTransformer
+from vitbudget.models import ViTConfig, VisionTransformer, save_model
 
 SHARED = Path(os.environ.get("VITBUDGET_SHARED", Path(__file__).resolve().parents[1] / "../shared")).resolve()
 REFERENCE_MODEL = SHARED / "models/vit_tiny_p4_cifar10.safetensors"
@@ -117,6 +117,14 @@ def make_model(cfg: ViTConfig = TINY, seed: int = 0) -> VisionTransformer:
 @pytest.fixture
 def tiny_model() -> VisionTransformer:
     return make_model()
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    """The tiny classifier saved as our safetensors + sidecar, with class names class00..class09."""
+    m = make_model()
+    m.info.classes = [f"class{c:02d}" for c in range(10)]
+    return save_model(m, tmp_path / "tiny.safetensors")
 
 
 def write_image_folder(root: Path, splits=("train", "test"), classes=10, per_class=4, size=32, seed=0) -> Path:

@@ -332,13 +332,6 @@ def test_an_option_both_parts_have_is_ambiguous(model):
 
 
 # -- command line ----------------------------------------------------------------------------------------
-@pytest.fixture
-def checkpoint(tmp_path):
-    m = make_model()
-    m.info.classes = [f"class{c:02d}" for c in range(10)]
-    return save_model(m, tmp_path / "tiny.safetensors")
-
-
 @pytest.mark.slow
 def test_eval_and_viz_take_a_stack(tmp_path, capsys, checkpoint, image_folder):
     argv = ["eval", "--model", str(checkpoint), "--data", str(image_folder), "--out", str(tmp_path / "e"), "--quiet", "--workers", "0",

@@ -26,13 +26,6 @@ from vitbudget.runconfig import RunConfig, read_run_config, write_run_config
 
 
 @pytest.fixture
-def checkpoint(tmp_path):
-    m = make_model()
-    m.info.classes = [f"class{c:02d}" for c in range(10)]
-    return save_model(m, tmp_path / "tiny.safetensors")
-
-
-@pytest.fixture
 def train_only(tmp_path):
     """A train split, and a test split whose every file is unreadable: reading it would fail the run."""
     root = write_image_folder(tmp_path / "data", splits=("train",), per_class=3)

@@ -9,8 +9,7 @@ import torch
 from ..defaults import DEFAULT_DATA, DEFAULT_MODEL
 from ..errors import ConfigError
 from ..io import OutputDir
-from ..methods import build_method, load_method
-from ..models.hub import is_hub_id
+from ..methods import load_method
 from .options import add_class_mismatch_flag, add_method_option_flags, method_help, method_name, method_options, open_dataset, positive_int, resolve_default
 
 
@@ -25,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     vz.add_argument("--split", default="test", help="split folder (default: test)")
     vz.add_argument("--num-images", type=positive_int, default=8, help="images to draw (default 8)")
     vz.add_argument("--img-size", type=positive_int, default=None,
-                    help="a Hugging Face directory or hub model only: run at this input size (position embeddings resampled once)")
+                    help="run at this input size (position embeddings resampled once; default: the model's own)")
     vz.add_argument("--out", default="runs/viz", help="output directory (default runs/viz)")
     add_class_mismatch_flag(vz)
     add_method_option_flags(vz)
@@ -33,24 +32,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import EvalTransform, subset_indices
-    from ..models import load_model
+    from ..data import EvalTransform, ImageFolder, resolve_split_dir, subset_indices
     from ..report import denormalize, save_token_maps
 
     name = f"{args.method}_tokens.png"
     out = OutputDir(args.out, [name])
     model_path = resolve_default(args.model, DEFAULT_MODEL, "model")
-    if args.img_size is not None:  # a backbone at the size you ask for: no trained method parameters to restore
-        if not (Path(model_path).is_dir() or is_hub_id(model_path)):
-            raise ConfigError("--img-size applies to a Hugging Face directory or hf-hub: model; a checkpoint runs at its trained size")
-        model = load_model(model_path, img_size=args.img_size)
-        method = build_method(args.method, model, **method_options(args, args.method))
-    else:
-        model = load_model(model_path)
-        method = load_method(model_path, args.method, **method_options(args, args.method))
+    method = load_method(model_path, args.method, img_size=args.img_size, **method_options(args, args.method))
+    model = method.model
     headless = model.cfg.num_classes == 0  # a backbone: its outputs are features, compared with the unpruned model's
-    dataset = open_dataset(resolve_default(args.data, DEFAULT_DATA, "data"), args.split, model,
-                           EvalTransform(model.cfg.img_size, model.info.preprocess), args.allow_class_mismatch)
+    data = resolve_default(args.data, DEFAULT_DATA, "data")
+    transform = EvalTransform(model.cfg.img_size, model.info.preprocess)
+    if is_flat_photo_folder(resolve_split_dir(data, args.split)):  # photos without class folders: no labels to show
+        dataset, labelled = ImageFolder(data, args.split, transform, unlabeled=True), False
+    else:
+        dataset, labelled = open_dataset(data, args.split, model, transform, args.allow_class_mismatch), not headless
     indices = subset_indices(len(dataset), args.num_images)
     images = torch.stack([dataset[i][0] for i in indices])
     labels = [dataset.targets[i] for i in indices]
@@ -68,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
         titles = [f"{label_name(names, t)} cos {c:.3f}".strip() for t, c in zip(labels, cosine)]
     else:
         preds = result.logits.argmax(1).tolist()
-        titles = [f"{label_name(names, t)} → {label_name(names, p)}" for t, p in zip(labels, preds)]
+        titles = [f"{label_name(names, t) if labelled else ''} → {label_name(model.info.classes or names, p)}" for t, p in zip(labels, preds)]
     desc = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "method")
     with out.publish() as stage:
         save_token_maps(denormalize(images, model.info.preprocess), token_map, model.cfg.patch_size, stage / name, titles=titles,
-                        suptitle=f"{args.method} ({desc}) — " + ("cosine similarity to the unpruned features" if headless else "true → predicted"))
+                        suptitle=f"{args.method} ({desc}) — " + ("cosine similarity to the unpruned features" if headless
+                                                                          else "true → predicted" if labelled else "predicted"))
     print(f"wrote {out.path / name}")
     return 0
 
@@ -80,3 +77,11 @@ def run(args: argparse.Namespace) -> int:
 def label_name(names: list[str], index: int) -> str:
     """A label's class name; outputs beyond the known names (a folder with fewer classes) show as #index."""
     return names[index] if index < len(names) else f"#{index}"
+
+
+def is_flat_photo_folder(root: Path) -> bool:
+    """Images directly in the folder and no class sub-folders (e.g. a folder of photos)."""
+    from ..data.folder import IMAGE_EXTENSIONS
+
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)

@@ -97,6 +97,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    # forward is exactly what runtime.runner.run_block computes with no hooks and no padding, so the runner calls it
+    # directly then (batch-1 Python overhead); change one, change the other (tests/test_runner_fast_path.py)
+    RUNNER_FORWARD = True
+
     def __init__(self, cfg: ViTConfig, drop_path: float):
         super().__init__()
         dim = cfg.embed_dim

@@ -6,6 +6,7 @@ actually executed, which is what cost accounting reads.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,12 @@ def run_block(
     acting between attention and MLP is handed the padded state; the MLP then runs packed by the
     key mask the hook left (per-image threshold merging changes it there).
     """
+    if _plain(block, state, hooks):  # nothing to ask, pack or mask: the block's own forward, fewer Python steps
+        tokens = record.tokens_of(state)
+        record.attn_tokens.append(tokens)
+        record.mlp_tokens.append(tokens)
+        record.add_widths(state.width, state.width, state.width)
+        return state.replace(x=block(state.x))
     need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
     given = state.next_attention
     if given is not None:
@@ -168,6 +175,19 @@ def run_block(
     x = x + _per_sample(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), packing)
     record.add_widths(attn_width, core_width, state.width if packing is None else packing.tokens_per_image)
     return hooks.after_block(index, state.replace(x=x if packing is None else packing.unpack(x, into=state.x)), info, record)
+
+
+def _plain(block: nn.Module, state: TokenState, hooks: Hooks) -> bool:
+    """Whether the block may run as `block(x)`: a block whose forward is the runner's own sequence
+    (`RUNNER_FORWARD`), hooks that act on none of its steps, and no padding, sizes, policy or given attention."""
+    return (getattr(block, "RUNNER_FORWARD", False) and state.key_mask is None and state.size is None and state.policy is None
+            and state.next_attention is None and not _acts_in_blocks(type(hooks)))
+
+
+@functools.lru_cache(maxsize=None)
+def _acts_in_blocks(hooks_type: type) -> bool:
+    """Whether a Hooks class overrides a step run_block calls (asked once per class, not per block)."""
+    return any(getattr(hooks_type, step) is not getattr(Hooks, step) for step in ("needs_probs", "needs_keys", "after_attention", "after_block"))
 
 
 def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing | None) -> Tensor:
