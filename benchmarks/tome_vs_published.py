@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any
 
 import torch
 
-from vitbudget.eval.machine import machine_info
+from vitbudget.eval.machine import write_benchmark_rows
 from vitbudget.eval.speed import paired_ratio, time_interleaved
-from vitbudget.io import ensure_writable_dir, write_json, write_text
+from vitbudget.io import ensure_writable_dir
 from vitbudget.methods import build_method
 from vitbudget.models import VisionTransformer, named_config
 from vitbudget.models.timm_compat import import_timm, timm_vit
@@ -105,11 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tome = import_published_tome(args.tome_repo.resolve())
     with torch.inference_mode():
         rows = [row for arch in args.archs.split(",") for row in bench_arch(arch, tome, args)]
-    command = "python benchmarks/tome_vs_published.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    machine = {**machine_info(), "threads": torch.get_num_threads()}
-    write_json(out / "tome_vs_published.json", {"command": command, "machine": machine, "rows": rows})
-    md = f"`{command}` — {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, torch {machine['torch']}\n\n" + table(rows)
-    write_text(out / "tome_vs_published.md", md)
+    write_benchmark_rows(out, "tome_vs_published", "benchmarks/tome_vs_published.py", argv, rows, table(rows))
     print(table(rows))
     return {"rows": rows}
 

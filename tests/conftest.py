@@ -144,3 +144,14 @@ def write_image_folder(root: Path, splits=("train", "test"), classes=10, per_cla
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data") / "toy")
+
+
+def load_script(name: str):
+    """A script under benchmarks/ as a module (they are run as files, not installed), to call its main()."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script

@@ -170,13 +170,9 @@ def test_export_cli(tmp_path, capsys):
 
 def test_onnx_speed_script_tiny(tmp_path):
     """benchmarks/onnx_speed.py end to end on the toy setting (what the lead's timing run executes)."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_speed.py"
-    spec = importlib.util.spec_from_file_location("onnx_speed", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("onnx_speed")
     result = script.main(["--tiny", "--methods", "evit", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"baseline", "evit"} and rows["baseline"]["rel_flops"] == 1.0

@@ -189,13 +189,9 @@ def test_openvino_cli(ckpt, tmp_path, capsys):
 @requires_openvino
 def test_speed_script_times_openvino_next_to_onnxruntime(tmp_path):
     """benchmarks/onnx_speed.py --openvino on the toy setting: OpenVINO rows carry the fraction of the ideal speed-up."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_speed.py"
-    spec = importlib.util.spec_from_file_location("onnx_speed", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("onnx_speed")
     result = script.main(["--tiny", "--methods", "tome", "--openvino", "--no-eager", "--repeats-b64", "1", "--out", str(tmp_path)])
     tome = {r["method"]: r for r in result["rows"]}["tome"]
     for key in ("ov_b1", "ov_b64", "ort_b1"):
@@ -235,13 +231,9 @@ def test_int8_is_onnx_only_one_line(ckpt, tmp_path, capfd):
 
 def test_int8_stack_script_multiplies_what_it_measured(tmp_path):
     """benchmarks/int8_stack.py --tiny: every method in fp32 and int8, and the product of the parts from its own rows."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_stack.py"
-    spec = importlib.util.spec_from_file_location("int8_stack", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("int8_stack")
     assert script.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = {(r["method"], r["precision"]): r for r in json.loads((tmp_path / "int8_stack.json").read_text())["rows"]}
     assert set(rows) == {(m, p) for m in ("baseline", "tome", "evit") for p in ("fp32", "int8")}

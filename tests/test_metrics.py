@@ -114,3 +114,13 @@ def test_speed_report_medians_and_per_round_ratios_with_a_fake_clock(monkeypatch
     report = speed.speed_report(times, batch=8, baseline="base")
     assert report["meth"]["median_ms"] == 5000.0 and report["meth"]["images_per_s"] == pytest.approx(8 / 5.0)
     assert report["meth"]["time_ratio"] == pytest.approx(1.8) and report["base"]["time_ratio"] == 1.0
+
+
+def test_rotated_rounds_start_at_each_entry_in_turn_and_keep_times_by_name(monkeypatch):
+    order = []
+    fns = {name: (lambda x, name=name: order.append(name)) for name in "abc"}
+    clock = FakeClock([float(i) for i in range(9)])  # calls 0..8 last 0, 1, 2, ... seconds in the order they run
+    monkeypatch.setattr(speed, "time", clock)
+    times = speed.time_interleaved(fns, [torch.zeros(1)], warmup=0, repeats=3, rotate=True)
+    assert order == list("abc" "bca" "cab")  # each entry leads one round, never always after the same one
+    assert times == {"a": [0.0, 5.0, 7.0], "b": [1.0, 3.0, 8.0], "c": [2.0, 4.0, 6.0]}

@@ -216,3 +216,18 @@ def test_sidecars_from_before_new_config_fields_load_unchanged(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     assert "patch_embed.proj.bias" not in VisionTransformer(TINY.replace(pre_norm=True)).state_dict()  # timm's CLIP layout
+
+
+@pytest.mark.parametrize("value, finite", [(0.5, True), (float("nan"), False), (float("inf"), False), (float("-inf"), False),
+                                           (3e38, True)])  # 3e38 twice overflows the sum, yet every value is finite
+def test_all_finite_is_exact_whatever_the_sum(value, finite):
+    from vitbudget.models.vit import all_finite
+
+    x = torch.zeros(1, 3, 8, 8)
+    x[0, 0, 0, :2] = value
+    assert all_finite(x) is finite
+    both = torch.zeros(4)
+    both[:2] = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, not inf
+    assert not all_finite(both)
+    half = torch.full((100_000,), 60000.0, dtype=torch.float16)  # the float16 sum overflows; the values are finite
+    assert all_finite(half)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, make_model
+from conftest import TINY, make_model, requires_timm
 from vitbudget.cli import main
 from vitbudget.eval.realistic import Entry, HaltingProfile, rows_for_batch
 from vitbudget.methods.avit import AViTOptions, HaltingReplay, draw_halting_depths
@@ -123,3 +123,17 @@ def test_out_of_memory_is_one_line_and_nothing_written(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("vitbudget: error: out of memory on cpu")
     assert err[0].endswith("lower --batch-sizes (now 1,100000)") and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+@requires_timm
+def test_runner_overhead_script_runs_and_the_runner_equals_timm(tmp_path):
+    """benchmarks/runner_overhead.py end to end on DeiT-T (two rounds): every row timed, logits equal to timm's."""
+    from conftest import load_script
+
+    script = load_script("runner_overhead")
+    row = script.main(["--archs", "deit_tiny_patch16_224", "--rounds", "2", "--out", str(tmp_path)])["rows"][0]
+    assert row["max_abs_logit_diff_vs_timm"] == 0.0  # the runner's baseline is timm's forward, bit for bit
+    assert set(row["time_over_timm"]) == {"timm", "model", "model, no value check", "runner", "runner, general path"}
+    assert row["time_over_timm"]["timm"] == 1.0
+    assert "| deit_tiny_patch16_224 |" in (tmp_path / "runner_overhead.md").read_text()

@@ -47,3 +47,18 @@ def attention_backend(device: torch.device | str = "cpu") -> str:
     enabled = [name for name, on in (("flash", cuda.flash_sdp_enabled()), ("memory-efficient", cuda.mem_efficient_sdp_enabled()),
                                      ("cuDNN", cuda.cudnn_sdp_enabled()), ("math", cuda.math_sdp_enabled())) if on]
     return "torch SDPA, enabled kernels: " + ", ".join(enabled)
+
+
+def write_benchmark_rows(out, stem: str, script: str, argv: list[str], rows: list, table: str) -> None:
+    """A benchmark script's results: OUT/stem.json (command, machine, rows) and OUT/stem.md (the
+    command and the machine in one line, then `table`), so every number keeps both."""
+    import shlex
+    import sys
+
+    from ..io import write_json, write_text
+
+    command = f"python {script} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    machine = {**machine_info(), "threads": torch.get_num_threads()}
+    write_json(out / f"{stem}.json", {"command": command, "machine": machine, "rows": rows})
+    write_text(out / f"{stem}.md", f"`{command}` — {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads, "
+                                   f"torch {machine['torch']}\n\n" + table)

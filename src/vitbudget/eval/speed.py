@@ -16,12 +16,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def time_interleaved(
-    fns: dict[str, Callable[[Tensor], object]], inputs: Sequence[Tensor], warmup: int = 3, repeats: int = 20,
+    fns: dict[str, Callable[[Tensor], object]], inputs: Sequence[Tensor], warmup: int = 3, repeats: int = 20, rotate: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of every fn, measured round-robin (A B C A B C ...); round r uses inputs[r % len].
 
     Round-robin makes every method see the same background load, so ratios to the baseline
-    are fair on a shared, noisy machine even when absolute times drift.
+    are fair on a shared, noisy machine even when absolute times drift. rotate: round r starts
+    at entry r % len (A B C, B C A, C A B ...), so no entry always runs first or after the same
+    one: for differences of about 1 %, where a fixed position's cache state would show.
     """
     device = inputs[0].device
     for fn in fns.values():
@@ -29,9 +31,12 @@ def time_interleaved(
             fn(inputs[r % len(inputs)])
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(repeats):
         x = inputs[r % len(inputs)]
-        for name, fn in fns.items():
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             start = time.perf_counter()
             fn(x)
             _sync(device)

@@ -181,13 +181,29 @@ def _plain(block: nn.Module, state: TokenState, hooks: Hooks) -> bool:
     """Whether the block may run as `block(x)`: a block whose forward is the runner's own sequence
     (`RUNNER_FORWARD`), hooks that act on none of its steps, and no padding, sizes, policy or given attention."""
     return (getattr(block, "RUNNER_FORWARD", False) and state.key_mask is None and state.size is None and state.policy is None
-            and state.next_attention is None and not _acts_in_blocks(type(hooks)))
+            and state.next_attention is None and not _overridden(type(hooks)) & _BLOCK_STEPS)
+
+
+_BLOCK_STEPS = frozenset({"needs_probs", "needs_keys", "after_attention", "after_block"})
 
 
 @functools.lru_cache(maxsize=None)
-def _acts_in_blocks(hooks_type: type) -> bool:
-    """Whether a Hooks class overrides a step run_block calls (asked once per class, not per block)."""
-    return any(getattr(hooks_type, step) is not getattr(Hooks, step) for step in ("needs_probs", "needs_keys", "after_attention", "after_block"))
+def _overridden(hooks_type: type) -> frozenset[str]:
+    """The Hooks steps a class overrides (asked once per class, not per block)."""
+    return frozenset(step for step in ("before_block", *_BLOCK_STEPS) if getattr(hooks_type, step) is not getattr(Hooks, step))
+
+
+def _run_plain(blocks: nn.Module, state: TokenState, record: ExecutionRecord) -> TokenState:
+    """Every block as `block(x)`, back to back, recorded as run_block records them (batch-1 Python overhead)."""
+    x = state.x
+    for block in blocks:
+        x = block(x)
+    tokens, width = record.tokens_of(state), state.width
+    for _ in blocks:
+        record.attn_tokens.append(tokens)
+        record.mlp_tokens.append(tokens)
+        record.add_widths(width, width, width)
+    return state.replace(x=x)
 
 
 def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing | None) -> Tensor:
@@ -223,8 +239,11 @@ def run(model: nn.Module, images: Tensor, hooks: Hooks | None = None) -> RunOutp
     state = TokenState.initial(model.embed(images), model.num_prefix_tokens)
     record = ExecutionRecord(batch_size=images.shape[0])
     state = hooks.begin(model, state, record)
-    for index, block in enumerate(model.blocks):
-        state = hooks.before_block(index, state, record)
-        state = run_block(block, index, state, hooks, record)
+    if "before_block" not in _overridden(type(hooks)) and all(_plain(block, state, hooks) for block in model.blocks):
+        state = _run_plain(model.blocks, state, record)  # nothing acts anywhere between the blocks
+    else:
+        for index, block in enumerate(model.blocks):
+            state = hooks.before_block(index, state, record)
+            state = run_block(block, index, state, hooks, record)
     logits = hooks.finish(model, state, record)
     return RunOutput(logits=logits, state=state, record=record, model=model)
