@@ -140,10 +140,7 @@ def run_block(
     key mask the hook left (per-image threshold merging changes it there).
     """
     if _plain(block, state, hooks):  # nothing to ask, pack or mask: the block's own forward, fewer Python steps
-        tokens = record.tokens_of(state)
-        record.attn_tokens.append(tokens)
-        record.mlp_tokens.append(tokens)
-        record.add_widths(state.width, state.width, state.width)
+        _record_plain(record, state, 1)
         return state.replace(x=block(state.x))
     need_probs, need_keys = hooks.needs_probs(index), hooks.needs_keys(index)
     given = state.next_attention
@@ -198,12 +195,17 @@ def _run_plain(blocks: nn.Module, state: TokenState, record: ExecutionRecord) ->
     x = state.x
     for block in blocks:
         x = block(x)
+    _record_plain(record, state, len(blocks))
+    return state.replace(x=x)
+
+
+def _record_plain(record: ExecutionRecord, state: TokenState, blocks: int) -> None:
+    """What run_block records for `blocks` plain blocks: every token through attention and MLP, no padding."""
     tokens, width = record.tokens_of(state), state.width
-    for _ in blocks:
+    for _ in range(blocks):
         record.attn_tokens.append(tokens)
         record.mlp_tokens.append(tokens)
         record.add_widths(width, width, width)
-    return state.replace(x=x)
 
 
 def _per_sample(drop_path: nn.Module, branch: Tensor, packing: Packing | None) -> Tensor:
